@@ -1,0 +1,43 @@
+"""What every data source gives the trainer: deterministic batches by step.
+
+A batch for step s depends only on (seed, s), never on how many batches came before in
+this process, so a trial restored from a checkpoint at step s sees exactly the batches
+it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 [B, 3, H, W], normalised
+    labels: torch.Tensor  # int64 [B]
+    masks: torch.Tensor | None = None  # int64 [B, H, W]: 0 background, c + 1 object of class c
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.images), move(self.labels), move(self.masks))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class DataSource(Protocol):
+    num_classes: int
+    has_masks: bool
+
+    def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
+        """Batches for steps start_step, start_step + 1, ... on the source's device."""
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """One pass over the validation split, always in the same order."""
+
+    def probe_batch(self, size: int) -> Batch:
+        """The first `size` validation images: the fixed probe batch."""

@@ -1,0 +1,63 @@
+"""ViT with registers, built from timm, and the arithmetic of its cost.
+
+Registers are placed as the paper places them (Darcet et al. 2023, Sec. 3): N learnable
+tokens after [CLS] and before the patches, with no position embedding, dropped at the
+output. timm does exactly this with `reg_tokens=N, no_embed_class=True`; with
+`no_embed_class=False` it would add position embeddings to [CLS] and the registers.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from trainers.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
+    dim, depth, heads = cfg.dims
+    return VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_classes=num_classes,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=cfg.mlp_ratio,
+        class_token=True,
+        reg_tokens=cfg.num_registers,
+        no_embed_class=True,  # position embeddings for patches only, never for [CLS] or registers
+        global_pool="token",  # classify from [CLS]; registers are dropped at the output
+        drop_path_rate=cfg.drop_path_rate,
+    )
+
+
+def patch_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
+    """Patch tokens of an NLC token tensor. The prefix is [CLS] + registers: never slice a literal 1."""
+    return tokens[:, model.num_prefix_tokens :]
+
+
+def register_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
+    """Register tokens of an NLC token tensor (empty along dim 1 when there are none)."""
+    start = 1 if model.cls_token is not None else 0
+    return tokens[:, start : model.num_prefix_tokens]
+
+
+def forward_macs_per_image(cfg: ModelConfig, num_classes: int) -> int:
+    """Multiply-accumulates of one forward pass, counting registers in the token count.
+
+    Per block with T tokens of width D and MLP ratio r: QKV and output projections
+    4*T*D^2, MLP 2*r*T*D^2, attention scores and weighted sum 2*T^2*D. Patch embedding
+    and the head are added; norms, softmax and GELU are ignored (under 1%).
+    """
+    dim, depth, _ = cfg.dims
+    tokens = cfg.num_patches + 1 + cfg.num_registers
+    per_block = (4 + 2 * cfg.mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
+    patch_embed = cfg.num_patches * 3 * cfg.patch_size**2 * dim
+    head = dim * num_classes
+    return int(depth * per_block + patch_embed + head)
+
+
+def train_flops_per_image(cfg: ModelConfig, num_classes: int) -> int:
+    """Training FLOPs per image: forward 2 FLOPs per MAC, backward twice the forward."""
+    return 6 * forward_macs_per_image(cfg, num_classes)

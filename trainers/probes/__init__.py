@@ -1,0 +1,1 @@
+"""Artifact probes: pure functions that measure high-norm tokens, registers and attention."""
