@@ -1,0 +1,223 @@
+"""Supervised training of a register ViT: the whole loop reads top to bottom in `fit`.
+
+The loop is deterministic for a seed and resumes exactly: the batch for step s is a
+pure function of (seed, s) (see trainers/data/base.py) and a checkpoint holds the
+model, optimizer, schedule, every RNG state and the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainers.config import TrainConfig
+from trainers.data import build_data
+from trainers.data.base import Batch
+from trainers.model import build_model
+from trainers.probes import names
+from trainers.schedule import warmup_cosine
+from trainers.tracking import NullTracker, Tracker
+
+CHECKPOINT_FILE = "trainer_state.pt"
+OnCheckpoint = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged. The message names the first step whose loss was not finite."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or default_device()
+        seed_everything(cfg.seed)
+        self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device)
+        self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(
+                s, total_steps=cfg.steps, warmup_steps=cfg.optim.warmup_steps, min_ratio=cfg.optim.min_lr_ratio
+            ),
+        )
+        self.step = 0
+        # bf16 autocast where the hardware does it natively; fp32 on CPU unless asked.
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        # Compilation pays off only for long trials; the spec turns it on explicitly.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on norms, biases, position embedding, [CLS] and registers (1-d or token params).
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            skip = param.ndim <= 1 or name in {"pos_embed", "cls_token", "reg_token"}
+            (no_decay if skip else decay).append(param)
+        o = self.cfg.optim
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimisation step. Returns the loss as a device tensor (no host sync)."""
+        self.model.train()
+        with self._autocast():
+            logits = self.forward(batch.images)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def fit(self, tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None) -> dict[str, float]:
+        """Train from self.step to cfg.steps. Returns the last validation metrics.
+
+        on_checkpoint(step, metrics) is called at every checkpoint point (each evaluation,
+        every checkpoint_every steps, and the end): the orchestrator saves state and
+        reports to Tune there. Metrics go to the tracker as they are measured.
+        """
+        cfg, tracker = self.cfg, tracker or NullTracker()
+        batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        losses_in_window = 0
+        metrics: dict[str, float] = {}
+        while self.step < cfg.steps:
+            loss = self.train_step(next(batches))
+            # Remember the first non-finite step on the device; checked at the next log point.
+            bad = ~torch.isfinite(loss) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad, torch.tensor(self.step, device=self.device), first_bad_step)
+            loss_sum += loss
+            losses_in_window += 1
+            self.step += 1
+            done = self.step == cfg.steps
+
+            if self.step % cfg.log_every == 0 or done:
+                # The only host sync in the hot loop, once per log window.
+                if int(first_bad_step) >= 0:
+                    raise NonFiniteLossError(f"loss became non-finite at step {int(first_bad_step) + 1}")
+                tracker.log_metrics(
+                    {names.TRAIN_LOSS: float(loss_sum) / losses_in_window, names.TRAIN_LR: self.scheduler.get_last_lr()[0]},
+                    self.step,
+                )
+                loss_sum.zero_()
+                losses_in_window = 0
+            if self._due(cfg.probe.every, done and cfg.probe.at_end):
+                self.probe(tracker)
+            evaluate = self._due(cfg.eval_every, done)
+            if evaluate:
+                metrics = self.evaluate()
+                tracker.log_metrics(metrics, self.step)
+            if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done)):
+                on_checkpoint(self.step, metrics)
+        return metrics
+
+    def _due(self, every: int, at_end: bool) -> bool:
+        return at_end or (every > 0 and self.step % every == 0)
+
+    # -------------------------------------------------------------- measuring
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        count = 0
+        for batch in self.data.val_batches(self.cfg.optim.batch_size):
+            with self._autocast():
+                logits = self.forward(batch.images).float()
+            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
+            correct += (logits.argmax(-1) == batch.labels).sum()
+            count += len(batch)
+        self.model.train()
+        return {names.VAL_LOSS: float(loss_sum) / count, names.VAL_TOP1: float(correct) / count}
+
+    def probe(self, tracker: Tracker) -> float:
+        """Run the artifact probes on the fixed probe batch; returns their wall time in seconds."""
+        from trainers.probes.report import run_probes  # heavy (matplotlib), only when probing
+
+        report = run_probes(self.model, self.data.probe_batch(self.cfg.probe.batch_size), self.cfg.probe)
+        tracker.log_metrics({**report.scalars, names.PROBE_SECONDS: report.seconds}, self.step)
+        if report.files:
+            tracker.log_files(report.files, names.artifact_dir(self.step))
+        return report.seconds
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "config": self.cfg.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / CHECKPOINT_FILE
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as tmp:
+            torch.save(self.state_dict(), tmp)
+        os.replace(tmp.name, target)
+        return target
+
+    def load(self, directory: str | Path) -> None:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+
+
+def train(cfg: TrainConfig, tracker: Tracker | None = None) -> dict[str, float]:
+    """Notebook entry point: build a trainer and run it to the end."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    metrics = trainer.fit(tracker)
+    return {**metrics, "seconds": time.perf_counter() - start}
