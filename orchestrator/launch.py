@@ -1,0 +1,262 @@
+"""One launch of a sweep: MLflow parent run, Ray, the Tuner, and resuming after a crash.
+
+A launch lives in `<storage>/<launch name>` (Tune's experiment folder). A small record
+there (sweep_launch.json) names its MLflow parent run and whether it finished. Running
+the same command again finds the record: an unfinished launch is restored (finished
+trials are not re-run, each trial keeps its one MLflow run); a finished one is reported
+and left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow.fs
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.tracking import (
+    LAUNCH_TAG,
+    ROLE_TAG,
+    SWEEP_TAG,
+    child_runs,
+    default_tracking_uri,
+    get_or_create_experiment,
+)
+from orchestrator.trainable import SweepContext, run_trial, trial_label
+
+RECORD_FILE = "sweep_launch.json"
+PACKAGE_DIRS = ("orchestrator", "trainers")
+
+
+@dataclass
+class LaunchRecord:
+    parent_run_id: str
+    experiment_id: str
+    spec_digest: str
+    state: str  # "running" | "finished"
+
+
+@dataclass
+class SweepOutcome:
+    experiment_name: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    launch_path: str
+    trials: int
+    errored: int
+    resumed: bool
+
+
+class LaunchFinishedError(RuntimeError):
+    """The launch folder holds a finished sweep; nothing to resume."""
+
+
+def storage_uri(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def launch_path(storage: str, launch_name: str) -> str:
+    return f"{storage_uri(storage).rstrip('/')}/{launch_name}"
+
+
+def read_record(path: str) -> LaunchRecord | None:
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    target = f"{root}/{RECORD_FILE}"
+    if fs.get_file_info(target).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(target) as stream:
+        return LaunchRecord(**json.loads(stream.readall()))
+
+
+def write_record(path: str, record: LaunchRecord) -> None:
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{RECORD_FILE}") as stream:
+        stream.write(json.dumps(asdict(record), indent=2).encode())
+
+
+def code_version() -> str:
+    """The git commit, or GIT_COMMIT, or (under `ray job submit`, which ships no .git) a
+    digest of the package sources, so every run names the code it ran."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", *PACKAGE_DIRS], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    digest = hashlib.sha1()
+    for package in PACKAGE_DIRS:
+        for path in sorted(Path(package).rglob("*.py")):
+            digest.update(path.read_bytes())
+    return f"src-{digest.hexdigest()[:12]}"
+
+
+def spec_digest(spec: Any) -> str:
+    return hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_parent_run(
+    client: MlflowClient, experiment_id: str, spec: Any, launch_name: str, overrides: Sequence[str], plan_text: str
+) -> str:
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{launch_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={ROLE_TAG: "parent", SWEEP_TAG: spec.name, LAUNCH_TAG: launch_name, "git_commit": code_version()},
+    )
+    run_id = run.info.run_id
+    client.log_param(run_id, "overrides", " ".join(overrides) if overrides else "(none)")
+    client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec/resolved.yaml")
+    client.log_text(run_id, plan_text, "spec/plan.txt")
+    return run_id
+
+
+def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
+    """Runs left RUNNING by a killed driver become KILLED; a restored trial sets its own back to RUNNING."""
+    orphans = [r for r in child_runs(client, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+    for run in orphans:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(orphans)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def build_tuner(spec: Any, plan: Any, context: SweepContext, callback: MlflowTrialBookkeeping, name: str) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.search import GridCellSearcher
+
+    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json"), "sweep": asdict(context)}
+    search_alg, num_samples = None, 1
+    if spec.search is None:
+        param_space["trial"] = tune.grid_search([{"index": t.index, "axes": t.axes} for t in plan.trials])
+    else:
+        space = {key: entry.model_dump() for key, entry in spec.search.space.items()}
+        cells = grid_cells(plan.trials, space)
+        search_alg = GridCellSearcher(
+            cells, space, spec.search.num_samples, spec.search.metric, spec.search.mode, seed=spec.train.seed
+        )
+        num_samples = len(cells) * spec.search.num_samples
+    scheduler = None
+    if spec.scheduler is not None:
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric=spec.scheduler.metric,
+            mode=spec.scheduler.mode,
+            max_t=max(t.config.steps for t in plan.trials),
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=spec.max_concurrent,
+        trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
+        trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
+    )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_uri(spec.storage),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[callback],
+        verbose=1,
+    )
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def grid_cells(trials: Sequence[Any], space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Distinct grid assignments (searched keys removed), in plan order."""
+    cells: list[dict[str, Any]] = []
+    for trial in trials:
+        cell = {k: v for k, v in trial.axes.items() if k not in space}
+        if cell not in cells:
+            cells.append(cell)
+    return cells
+
+
+def run_sweep(
+    spec: Any, plan: Any, plan_text: str, overrides: Sequence[str] = (), launch_name: str | None = None
+) -> SweepOutcome:
+    from ray import tune
+
+    name = launch_name or spec.name
+    path = launch_path(spec.storage, name)
+    tracking_uri = default_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    digest = spec_digest(spec)
+    record = read_record(path)
+    resumed = bool(record and record.state == "running" and tune.Tuner.can_restore(path))
+    if record and record.state == "finished":
+        raise LaunchFinishedError(
+            f"launch {name!r} in {path} already finished (MLflow parent run {record.parent_run_id}); "
+            f"pass --launch NEW_NAME to run the sweep again"
+        )
+    if record and resumed and record.spec_digest != digest:
+        raise LaunchFinishedError(
+            f"launch {name!r} in {path} was started from a different spec; resume it with the same spec "
+            f"and --set options, or pass --launch NEW_NAME"
+        )
+
+    if resumed:
+        assert record is not None
+        experiment_id, parent_run_id = record.experiment_id, record.parent_run_id
+        client.update_run(parent_run_id, status="RUNNING")
+        closed = close_orphans(client, experiment_id, parent_run_id)
+        print(f"Resuming launch {name!r} from {path} (parent run {parent_run_id}; {closed} interrupted trial runs)")
+    else:
+        experiment_id = get_or_create_experiment(client, spec.experiment_name)
+        parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text)
+        record = LaunchRecord(parent_run_id, experiment_id, digest, "running")
+        write_record(path, record)
+
+    context = SweepContext(tracking_uri, experiment_id, parent_run_id, code_version())
+    callback = MlflowTrialBookkeeping(tracking_uri, experiment_id, parent_run_id)
+    init_ray()
+    if resumed:
+        tuner = tune.Tuner.restore(
+            path,
+            trainable=tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    else:
+        tuner = build_tuner(spec, plan, context, callback, name)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        client.set_terminated(parent_run_id, status="KILLED")
+        raise
+    errored = sum(1 for result in results if result.error is not None)
+    client.set_tag(parent_run_id, "trials.errored", str(errored))
+    client.set_tag(parent_run_id, "trials.total", str(len(results)))
+    client.set_terminated(parent_run_id, status="FINISHED")
+    record.state = "finished"
+    write_record(path, record)
+    return SweepOutcome(
+        spec.experiment_name, experiment_id, parent_run_id, tracking_uri, path, len(results), errored, resumed
+    )

@@ -1,0 +1,110 @@
+"""Checks that run before Ray starts and before any GPU time is spent.
+
+Each failure is one PreflightError whose message names the thing that is wrong (the
+dataset path, the tracking URI, the bucket) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from trainers.config import TrainConfig
+from trainers.data import DatasetNotFoundError, check_data
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def check_datasets(configs: list[TrainConfig]) -> None:
+    seen: set[str] = set()
+    for cfg in configs:
+        key = cfg.data.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_data(cfg.data)
+        except DatasetNotFoundError as error:
+            raise PreflightError(f"dataset: {error}") from None
+
+
+def check_tracking(uri: str) -> None:
+    """The tracking store answers (server) or can be created (local SQLite / file store)."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _check_tracking_server(uri)
+    elif scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not os.access(path.parent if not path.exists() else path, os.W_OK):
+            raise PreflightError(f"MLflow store {uri}: {path.parent} is not writable")
+    elif scheme in ("", "file"):
+        path = Path(urlparse(uri).path or uri)
+        parent = path if path.exists() else path.parent
+        if not os.access(parent, os.W_OK):
+            raise PreflightError(f"MLflow store {uri}: {parent} is not writable")
+
+
+def _check_tracking_server(uri: str) -> None:
+    import requests
+
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
+    try:
+        response = requests.post(url, json={"max_results": 1}, auth=auth, timeout=10)
+    except requests.RequestException as error:
+        raise PreflightError(f"MLflow server {uri} is unreachable ({type(error).__name__}); start it or fix MLFLOW_TRACKING_URI") from None
+    if response.status_code in (401, 403):
+        raise PreflightError(
+            f"MLflow server {uri} refused the credentials (HTTP {response.status_code}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if response.status_code != 200:
+        raise PreflightError(f"MLflow server {uri} answered HTTP {response.status_code}: {response.text[:200]}")
+
+
+def check_storage(storage: str) -> None:
+    """The storage location exists (or can be made) and takes a write."""
+    if storage.startswith("s3://"):
+        _check_s3(storage)
+        return
+    if "://" in storage:
+        return  # other pyarrow filesystems (gs://, ...): Tune reports them itself
+    path = Path(storage).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise PreflightError(f"storage {storage}: cannot write there ({error.strerror})") from None
+
+
+def _check_s3(storage: str) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parsed = urlparse(storage)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    key = f"{prefix}/.write-check-{uuid.uuid4().hex}" if prefix else f".write-check-{uuid.uuid4().hex}"
+    s3 = boto3.client("s3")  # standard credential chain; AWS_ENDPOINT_URL for S3-compatible stores
+    try:
+        s3.head_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=key, Body=b"ok")
+        s3.delete_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "error")
+        raise PreflightError(f"storage {storage}: bucket {bucket!r} is not writable ({code})") from None
+    except BotoCoreError as error:
+        raise PreflightError(f"storage {storage}: S3 unreachable or no credentials ({error})") from None
+
+
+def run_preflight(configs: list[TrainConfig], tracking_uri: str, storage: str) -> None:
+    check_datasets(configs)
+    check_tracking(tracking_uri)
+    check_storage(storage)

@@ -1,0 +1,82 @@
+"""`python -m orchestrator.sweep SPEC [--dry-run] [--set key=value ...] [--launch NAME]`
+
+Validates the spec, prints the plan, checks that data, MLflow and storage are reachable,
+then runs the sweep through Ray Tune with every trial logged to MLflow. Exit codes:
+0 done, 1 some trials failed, 2 bad spec or failed preflight (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from orchestrator.plan import format_plan, make_plan
+from orchestrator.spec import SpecError, load_spec
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[1])
+    parser.add_argument("spec", help="sweep spec YAML, e.g. sweeps/quickstart.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without starting Ray")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec key (dotted path, YAML value), e.g. --set train.steps=50; repeatable",
+    )
+    parser.add_argument(
+        "--launch", default=None, metavar="NAME",
+        help="name of this launch's folder under storage (default: the sweep name); "
+        "running again with the same name resumes an interrupted launch",
+    )
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        plan = make_plan(spec)
+    except SpecError as error:
+        return fail(str(error))
+    plan_text = format_plan(plan)
+    print(plan_text)
+    if args.dry_run:
+        return 0
+
+    # Heavy imports (Ray, MLflow, torch) only once the spec is known to be good.
+    from orchestrator.launch import LaunchFinishedError, run_sweep
+    from orchestrator.preflight import PreflightError, run_preflight
+    from orchestrator.tracking import default_tracking_uri
+
+    tracking_uri = default_tracking_uri()
+    try:
+        run_preflight([t.config for t in plan.trials], tracking_uri, spec.storage)
+    except PreflightError as error:
+        return fail(str(error))
+    try:
+        outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch)
+    except LaunchFinishedError as error:
+        return fail(str(error))
+
+    print(
+        f"\nSweep {outcome.experiment_name!r}: {outcome.trials} trials, {outcome.errored} failed."
+        f"\n  MLflow experiment {outcome.experiment_id}, parent run {outcome.parent_run_id}"
+        f"\n  Tune results and checkpoints: {outcome.launch_path}"
+    )
+    print(ui_hint(outcome.tracking_uri))
+    return 1 if outcome.errored else 0
+
+
+def ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"Open the MLflow UI at {tracking_uri}"
+    return f"Open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   then browse http://127.0.0.1:5000"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""MLflow layout of a sweep (see DESIGN.md): experiment per sweep, parent run per launch,
+exactly one nested child run per Tune trial.
+
+The child run is found again by its tags (parent run id + trial id), never by an
+in-memory map, so a retried, restored or resumed trial reattaches to the run it already
+has instead of opening a second one. Metrics are buffered and written in batches when
+the trial checkpoints: after a crash, the steps since the last checkpoint are re-run and
+logged once, so the history has no gaps and no repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+ROLE_TAG = "sweep.role"
+SWEEP_TAG = "sweep.name"
+LAUNCH_TAG = "sweep.launch"
+TRIAL_ID_TAG = "trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+FAILURE_TAG = "failure_reason"
+CHECKPOINT_TAG = "checkpoint_uri"
+AXIS_PREFIX = "axis."
+DIVERGED_PREFIX = "non-finite loss"
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite file in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        max_results=2,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every trial run of one launch (paged: a sweep may have thousands)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class TrialRun:
+    """The MLflow run of one Tune trial; implements trainers.tracking.Tracker."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending: list[Metric] = []
+
+    @classmethod
+    def attach(
+        cls,
+        client: MlflowClient,
+        *,
+        experiment_id: str,
+        parent_run_id: str,
+        trial_id: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+    ) -> "TrialRun":
+        """Reattach to this trial's run if it has one, else create it (exactly one per trial)."""
+        run_id = find_trial_run(client, experiment_id, parent_run_id, trial_id)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return cls(client, run_id)
+        all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial"}
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        return cls(client, run.info.run_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+
+    def log_files(self, files: Mapping[str, bytes], artifact_dir: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifacts(self.run_id, tmp, artifact_dir)
+
+    def flush(self) -> None:
+        """Write buffered metrics in batches (one call per 1000 values, not one per value)."""
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), 1000):
+            self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+
+    def discard(self) -> None:
+        """Drop metrics measured after the last checkpoint: a retry measures them again."""
+        self._pending = []
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+    def failure_reason(self) -> str | None:
+        return self.client.get_run(self.run_id).data.tags.get(FAILURE_TAG)
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text[:6000]  # MLflow's limit on a param value

@@ -1,0 +1,51 @@
+"""A tiny sweep through Ray Tune, read back from the MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
+from trainers.probes import names
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
+    spec = tiny_spec(tmp_path)
+    spec["grid"]["steps"] = [2, 4]
+    path = write_spec(tmp_path, spec)
+    done = run_sweep_cli(tmp_path, str(path), "--set", "train.optim.lr=0.002")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri" in done.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["overrides"] == "train.optim.lr=0.002"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "spec")} == {"spec/resolved.yaml", "spec/plan.txt"}
+
+    seen = set()
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["trial_id"] and tags["git_commit"]
+        assert tags["axis.model_size"] == "micro" and tags["axis.seed"] == "0"
+        assert params["optim.lr"] == "0.002"
+        seen.add((tags["axis.num_registers"], tags["axis.steps"]))
+        steps = int(tags["axis.steps"])
+        history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
+        assert [m.step for m in history] == list(range(2, steps + 1, 2))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == list(range(2, steps + 1, 2))
+        # Probes ran at the end and wrote their files.
+        assert client.get_metric_history(run.info.run_id, names.outlier_frac(names.OUTPUT))[-1].step == steps
+        files = {a.path for a in client.list_artifacts(run.info.run_id, names.artifact_dir(steps))}
+        assert f"{names.artifact_dir(steps)}/{names.NORMS_FILE}" in files
+        assert tags["checkpoint_uri"]
+    assert seen == {("0", "2"), ("0", "4"), ("2", "2"), ("2", "4")}

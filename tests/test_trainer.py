@@ -1,0 +1,111 @@
+"""The training loop on CPU: it learns, it is deterministic, it resumes exactly, it fails fast."""
+
+import math
+
+import pytest
+import torch
+
+from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from trainers.loop import NonFiniteLossError, Trainer
+from trainers.probes import names
+from trainers.tracking import MemoryTracker
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(
+        model=ModelConfig(size="micro", img_size=32, patch_size=8, num_registers=2),
+        data=DataConfig(name="shapes", num_classes=4, train_size=256, val_size=64),
+        optim=OptimConfig(lr=2e-3, batch_size=16, warmup_steps=2),
+        probe=ProbeConfig(every=0, at_end=False),
+        steps=6,
+        log_every=2,
+        eval_every=3,
+        seed=3,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_a_few_steps_log_train_and_val_metrics() -> None:
+    tracker = MemoryTracker()
+    checkpoints: list[int] = []
+    trainer = Trainer(tiny_config(), CPU)
+    metrics = trainer.fit(tracker, on_checkpoint=lambda step, m: checkpoints.append(step))
+    assert trainer.step == 6
+    assert [s for s, _ in tracker.history(names.TRAIN_LOSS)] == [2, 4, 6]
+    assert [s for s, _ in tracker.history(names.VAL_TOP1)] == [3, 6]
+    assert checkpoints == [3, 6]
+    assert 0.0 <= metrics[names.VAL_TOP1] <= 1.0 and math.isfinite(metrics[names.VAL_LOSS])
+    # Warmup then cosine: the learning rate rises over warmup and decays at the end.
+    lrs = [v for _, v in tracker.history(names.TRAIN_LR)]
+    assert lrs[-1] < max(lrs)
+
+
+def test_same_seed_same_losses() -> None:
+    runs = []
+    for _ in range(2):
+        tracker = MemoryTracker()
+        Trainer(tiny_config(), CPU).fit(tracker)
+        runs.append(tracker.history(names.TRAIN_LOSS))
+    assert runs[0] == runs[1]
+    other = MemoryTracker()
+    Trainer(tiny_config(seed=4), CPU).fit(other)
+    assert other.history(names.TRAIN_LOSS) != runs[0]
+
+
+def test_checkpoint_round_trip_gives_identical_next_step_loss(tmp_path) -> None:
+    cfg = tiny_config()
+    original = Trainer(cfg, CPU)
+    batches = original.data.train_batches(0, cfg.optim.batch_size)
+    for _ in range(3):
+        original.train_step(next(batches))
+    original.step = 3
+    original.save(tmp_path)
+    expected = original.train_step(next(batches))
+
+    restored = Trainer(cfg.model_copy(update={"seed": cfg.seed}), CPU)
+    restored.load(tmp_path)
+    assert restored.step == 3
+    resumed_batch = next(restored.data.train_batches(restored.step, cfg.optim.batch_size))
+    assert torch.equal(restored.train_step(resumed_batch), expected)
+
+
+def test_resumed_fit_matches_uninterrupted_fit(tmp_path) -> None:
+    cfg = tiny_config()
+    straight = MemoryTracker()
+    Trainer(cfg, CPU).fit(straight)
+
+    first = Trainer(cfg, CPU)
+    first_log = MemoryTracker()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_checkpoint(step: int, metrics: dict) -> None:
+        first.save(tmp_path)
+        raise Stop
+
+    with pytest.raises(Stop):
+        first.fit(first_log, stop_after_first_checkpoint)
+    second = Trainer(cfg, CPU)
+    second.load(tmp_path)
+    second_log = MemoryTracker()
+    second.fit(second_log)
+    stitched = first_log.history(names.TRAIN_LOSS) + second_log.history(names.TRAIN_LOSS)
+    assert stitched == straight.history(names.TRAIN_LOSS)
+
+
+def test_non_finite_loss_fails_fast_naming_the_step() -> None:
+    trainer = Trainer(tiny_config(log_every=1), CPU)
+    original = trainer.train_step
+
+    def poisoned(batch):
+        loss = original(batch)
+        return loss * float("nan") if trainer.step == 2 else loss
+
+    trainer.train_step = poisoned  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        trainer.fit(MemoryTracker())
+    assert trainer.step == 3  # stopped at the first log point after the bad step
