@@ -1,0 +1,213 @@
+"""Real images: CIFAR-10/100 (torchvision's python format) and ImageFolder (ImageNet layout).
+
+Images go through a torch DataLoader. Its batch sampler is step-addressed: for step s it
+passes (dataset index, sample seed) pairs, where the indices come from the epoch
+permutation (sampling.EpochOrder) and the seeds from (seed, step, position). Each sample's
+augmentation runs under its own seed, so the batch for step s is identical whether the
+run started at 0 or was resumed at s, and whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets, transforms
+
+from .base import Batch
+from .layout import class_dirs
+from .sampling import EpochOrder, derive_seed, derive_seeds
+
+SampleKey = tuple[int, int]  # (dataset index, augmentation seed)
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class _FilePresenceMixin:
+    """torchvision's CIFAR checks the md5 of every file on each construction. We check
+    presence only (layout.check_local_layout ran before): hashing the full set would cost
+    every trial seconds, and the tests write tiny sets in the same format."""
+
+    root: str
+    base_folder: str
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+    meta: dict[str, str]
+
+    def _check_integrity(self) -> bool:
+        return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        import pickle
+
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _CIFAR10(_FilePresenceMixin, datasets.CIFAR10):
+    pass
+
+
+class _CIFAR100(_FilePresenceMixin, datasets.CIFAR100):
+    pass
+
+
+class _TrainClassesFolder(datasets.ImageFolder):
+    """ImageFolder whose class indices come from the train split, so a val split that
+    lacks some classes keeps the same label for every class."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Callable[..., Any], allow_empty: bool) -> None:
+        self._fixed_classes = classes
+        super().__init__(str(root), transform=transform, allow_empty=allow_empty)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+
+class SeededSamples(Dataset[tuple[torch.Tensor, int]]):
+    """Indexed by (index, seed): the augmentation of each sample runs under its own seed."""
+
+    def __init__(self, base: Dataset[tuple[Any, int]]) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        # torchvision's transforms draw from the global CPU generator. Seed only that one
+        # (torch.manual_seed would also touch CUDA) and restore it afterwards, so that the
+        # caller's RNG stream is untouched when num_workers is 0.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.base[index]
+        finally:
+            generator.set_state(state)
+
+
+class StepBatchSampler(Sampler[list[SampleKey]]):
+    """Infinite batches of (index, seed) keys for steps start_step, start_step + 1, ..."""
+
+    def __init__(self, order: EpochOrder, seed: int, start_step: int, batch_size: int) -> None:
+        self.order, self.seed, self.start_step, self.batch_size = order, seed, start_step, batch_size
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for step in count(self.start_step):
+            indices = self.order.indices(step, self.batch_size).tolist()
+            yield list(zip(indices, derive_seeds(self.batch_size, self.seed, "augment", step)))
+
+
+def _cifar_transforms(name: str, img_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    resize = [transforms.Resize(img_size)] if img_size != 32 else []
+    tail = [transforms.ToTensor(), transforms.Normalize(*CIFAR_STATS[name])]
+    train = transforms.Compose(
+        resize
+        + [
+            transforms.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+        ]
+        + tail
+    )
+    return train, transforms.Compose(resize + tail)
+
+
+def _imagefolder_transforms(img_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    tail = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
+    train = transforms.Compose(
+        [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip()] + tail
+    )
+    val = transforms.Compose(
+        [transforms.Resize(round(img_size / 0.875)), transforms.CenterCrop(img_size)] + tail
+    )
+    return train, val
+
+
+class RealSource:
+    """A DataSource over a map-style train and val dataset of (PIL image, label)."""
+
+    has_masks = False
+
+    def __init__(
+        self,
+        train: Dataset[tuple[Any, int]],
+        val: Dataset[tuple[Any, int]],
+        *,
+        num_classes: int,
+        seed: int,
+        device: torch.device,
+        num_workers: int,
+    ) -> None:
+        self.num_classes = num_classes
+        self.train, self.val = SeededSamples(train), SeededSamples(val)
+        self.seed, self.device, self.num_workers = seed, device, num_workers
+        self._order = EpochOrder(len(self.train), derive_seed(seed, "real", "order"))
+        self._val_loaders: dict[int, DataLoader[Any]] = {}
+
+    def _loader(self, dataset: SeededSamples, batch_sampler: Any) -> DataLoader[Any]:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            # The loader draws its worker base seed when iterated: take it from a private
+            # generator, not from the trainer's global RNG stream.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+        )
+
+    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        return Batch(images, labels).to(self.device, non_blocking=True)
+
+    def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
+        sampler = StepBatchSampler(self._order, self.seed, start_step, batch_size)
+        for images, labels in self._loader(self.train, sampler):
+            yield self._to_batch(images, labels)
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        loader = self._val_loaders.get(batch_size)
+        if loader is None:
+            n = len(self.val)
+            batches = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+            loader = self._val_loaders[batch_size] = self._loader(self.val, batches)
+        for images, labels in loader:
+            yield self._to_batch(images, labels)
+
+    def probe_batch(self, size: int) -> Batch:
+        if size > len(self.val):
+            raise ValueError(f"probe batch of {size} images is larger than the val split ({len(self.val)} images)")
+        samples = [self.val[(i, 0)] for i in range(size)]
+        images = torch.stack([s[0] for s in samples])
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        return self._to_batch(images, labels)
+
+
+def build_real(
+    name: str, root: Path, *, img_size: int, seed: int, device: torch.device, num_workers: int
+) -> RealSource:
+    """A RealSource for 'cifar10', 'cifar100' or 'imagefolder' at a checked local root."""
+    if name in CIFAR_STATS:
+        train_tf, val_tf = _cifar_transforms(name, img_size)
+        cls = _CIFAR10 if name == "cifar10" else _CIFAR100
+        train: Any = cls(str(root), train=True, transform=train_tf, download=False)
+        val: Any = cls(str(root), train=False, transform=val_tf, download=False)
+        num_classes = len(train.classes)
+    elif name == "imagefolder":
+        train_tf, val_tf = _imagefolder_transforms(img_size)
+        classes = class_dirs(root / "train")
+        train = _TrainClassesFolder(root / "train", classes, train_tf, allow_empty=False)
+        val = _TrainClassesFolder(root / "val", classes, val_tf, allow_empty=True)
+        num_classes = len(classes)
+    else:
+        raise ValueError(f"unknown real data set {name!r}")
+    return RealSource(train, val, num_classes=num_classes, seed=seed, device=device, num_workers=num_workers)
