@@ -1,0 +1,407 @@
+"""The sweep spec: a YAML file validated into typed models before anything runs.
+
+A spec is a base training config (`train`, a trainers.config.TrainConfig) plus the axes
+crossed over it (`grid`, `seeds`), an optional search inside each grid cell (`search`),
+an optional early-stopping scheduler (`scheduler`), per-trial resources and where results
+go. Every trial the grid produces is validated as a TrainConfig at load time, so a bad
+value fails here with one line naming the key, before Ray starts or anything is written.
+Reference of every key: docs/spec.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.overrides import (
+    SpecError,
+    apply_overrides,
+    get_dotted,
+    schema_path_problem,
+    first_problem,
+    set_dotted,
+)
+from trainers.config import TrainConfig
+from trainers.probes import names
+
+__all__ = [
+    "SpecError", "SweepSpec", "load_spec", "parse_spec", "apply_overrides", "set_dotted", "get_dotted",
+]
+
+SEED_AXIS = "seed"  # the seeds list is crossed with the grid as this axis (a path into train)
+MAX_TRIALS = 10_000  # more grid trials than this is a typo in a list, not a study
+REPORTED_METRICS = (names.VAL_LOSS, names.VAL_TOP1, names.TRAIN_LOSS)
+
+
+def check_metric(metric: str) -> str:
+    """A metric the trainer reports: one of REPORTED_METRICS or any probe/... name."""
+    if metric in REPORTED_METRICS or metric.startswith(f"{names.PREFIX}/"):
+        return metric
+    raise ValueError(f"unknown metric; use one of {', '.join(REPORTED_METRICS)} or a {names.PREFIX}/... name")
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- search
+
+
+class _Range(Block):
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        if self.high <= self.low:  # type: ignore[attr-defined]
+            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")  # type: ignore[attr-defined]
+        return self
+
+
+class UniformParam(_Range):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class LogUniformParam(_Range):
+    type: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float
+
+
+class IntParam(_Range):
+    """Integers in [low, high): Tune's randint excludes the upper bound."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+
+
+class ChoiceParam(Block):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+SearchParam = Annotated[Union[UniformParam, LogUniformParam, IntParam, ChoiceParam], Field(discriminator="type")]
+SEARCH_PARAM_TYPES: dict[str, type[BaseModel]] = {
+    "uniform": UniformParam, "loguniform": LogUniformParam, "int": IntParam, "choice": ChoiceParam,
+}
+
+
+def describe_param(param: BaseModel) -> str:
+    """'loguniform[0.0001, 0.003]', 'int[1, 8)', 'choice{a, b}': how a searched key shows in a plan."""
+    if isinstance(param, ChoiceParam):
+        return "choice{" + ", ".join(str(v) for v in param.values) + "}"
+    if isinstance(param, IntParam):
+        return f"int[{param.low}, {param.high})"
+    return f"{param.type}[{param.low:g}, {param.high:g}]"  # type: ignore[attr-defined]
+
+
+class SearchConfig(Block):
+    num_samples: int = Field(ge=1, description="trials per grid cell")
+    metric: str
+    mode: Literal["min", "max"]
+    space: dict[str, SearchParam] = Field(min_length=1)
+
+    _metric = field_validator("metric")(check_metric)
+
+
+class SchedulerConfig(Block):
+    type: Literal["asha"] = "asha"
+    metric: str
+    mode: Literal["min", "max"]
+    grace_period: int = Field(ge=1, description="training steps before a trial can be stopped")
+    reduction_factor: float = Field(default=3, gt=1)
+    allow_steps_axis: bool = False
+
+    _metric = field_validator("metric")(check_metric)
+
+
+# ----------------------------------------------------------------------------- resources, tracking
+
+
+class Resources(Block):
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpu: float) -> float:
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError("a trial can share one GPU (a fraction up to 1) or use whole GPUs; above 1 it must be an integer")
+        return gpu
+
+
+class MlflowConfig(Block):
+    experiment: str | None = Field(default=None, min_length=1, description="default: the sweep name")
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+class SweepSpec(Block):
+    name: str
+    train: TrainConfig = TrainConfig()
+    seeds: list[Annotated[int, Field(ge=0, strict=True)]] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    search: SearchConfig | None = None
+    scheduler: SchedulerConfig | None = None
+    resources: Resources = Resources()
+    max_failures: int = Field(default=2, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    mlflow: MlflowConfig = MlflowConfig()
+    storage: str = Field(default="./ray_results", min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError("use only letters, digits, '_', '.' and '-' (the name is a directory and an experiment)")
+        return name
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        """Every crossed axis: the grid keys, then 'seed'. Each key is a dotted path into train."""
+        return {**self.grid, SEED_AXIS: list(self.seeds)}
+
+    @property
+    def storage_path(self) -> str:
+        """Tune's storage_path: a URL as written, or a local directory made absolute."""
+        if "://" in self.storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())
+
+    def assignments(self) -> list[dict[str, Any]]:
+        """The cross product of all axes, first axis slowest: one dict per grid cell."""
+        axes = self.axes
+        return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+    def trial_config(self, assignment: Mapping[str, Any]) -> TrainConfig:
+        """The base train config with dotted assignments applied, validated (SpecError if invalid)."""
+        cfg, problem = _try_train(self.train, assignment)
+        if cfg is None:
+            raise SpecError("trial " + _describe(assignment), problem)
+        return cfg
+
+    @model_validator(mode="after")
+    def _check_across_keys(self) -> "SweepSpec":
+        # Raising SpecError (not ValueError) here is deliberate: pydantic lets it through,
+        # so the message keeps the exact key and value instead of a generic location.
+        if "seeds" not in self.model_fields_set:
+            self.seeds = [self.train.seed]
+        _check_seeds(self.seeds)
+        _check_grid(self)
+        if self.search is not None:
+            _check_search(self, self.search)
+        if self.scheduler is not None:
+            _check_scheduler(self, self.scheduler)
+        _check_storage(self.storage)
+        return self
+
+
+def _describe(assignment: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}={v!r}" for k, v in assignment.items()) + "}"
+
+
+def _try_train(base: TrainConfig, assignment: Mapping[str, Any]) -> tuple[TrainConfig | None, str]:
+    """(config, "") or (None, problem) for the base config with the assignment applied."""
+    raw = base.model_dump(exclude_unset=True)  # only what the user wrote, so defaults stay defaults
+    try:
+        for path, value in assignment.items():
+            set_dotted(raw, path, value)
+        return TrainConfig.model_validate(raw), ""
+    except KeyError as err:
+        return None, str(err.args[0])
+    except ValidationError as err:
+        where, problem = first_problem(err, TrainConfig)
+        return None, f"{where}: {problem}" if where else problem
+
+
+def _check_seeds(seeds: list[int]) -> None:
+    if not seeds:
+        raise SpecError("seeds", "needs at least one seed (leave it out to use train.seed)", seeds)
+    if len(set(seeds)) != len(seeds):
+        raise SpecError("seeds", "duplicate seeds would repeat identical trials", seeds)
+
+
+def _check_grid(spec: SweepSpec) -> None:
+    for key, values in spec.grid.items():
+        where = f"grid.{key}"
+        if key == SEED_AXIS:
+            raise SpecError(where, "seeds are an axis already; list them in the top-level 'seeds'")
+        problem = schema_path_problem(TrainConfig, key)
+        if problem:
+            raise SpecError(where, f"not a path in train: {problem}")
+        if not values:
+            raise SpecError(where, "empty list; an axis needs at least one value", values)
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise SpecError(where, "duplicate value would repeat identical trials", value)
+            cfg, problem = _try_train(spec.train, {key: value})
+            if cfg is None:
+                raise SpecError(where, _strip_own_key(problem, key), value)
+            canonical = get_dotted(cfg.model_dump(), key)
+            if not isinstance(canonical, dict):  # '1e-3' -> 0.001; whole blocks stay as written
+                values[i] = canonical
+    count = 1
+    for values in spec.axes.values():
+        count *= len(values)
+    if count > MAX_TRIALS:
+        raise SpecError("grid", f"{count} trials is more than {MAX_TRIALS}; check the axis lists")
+    for assignment in spec.assignments():  # values pass alone; combinations can still clash
+        cfg, problem = _try_train(spec.train, assignment)
+        if cfg is None:
+            raise SpecError("grid", f"the trial {_describe(assignment)} is invalid: {problem}")
+
+
+def _strip_own_key(problem: str, key: str) -> str:
+    """'model.num_registers: too small' -> 'too small' when the grid key already says where
+    (also for 'model: ...' from a whole-block check, as 'model' contains the key)."""
+    where, sep, rest = problem.partition(": ")
+    if sep and (key == where or key.startswith(where + ".")):
+        return rest
+    return problem
+
+
+def _check_search(spec: SweepSpec, search: SearchConfig) -> None:
+    for key, param in search.space.items():
+        where = f"search.space.{key}"
+        problem = schema_path_problem(TrainConfig, key)
+        if problem:
+            raise SpecError(where, f"not a path in train: {problem}")
+        if key in spec.grid or key == SEED_AXIS:
+            raise SpecError(where, "is also a grid axis (or the seed); a key is either searched or gridded, not both")
+        if isinstance(param, ChoiceParam):
+            probes = {f"values[{i}]": v for i, v in enumerate(param.values)}
+        elif isinstance(param, IntParam):
+            probes = {"low": param.low, "high": param.high - 1}
+        else:  # floats: Tune samples floats even when the bounds are written as integers
+            probes = {"low": float(param.low), "high": float(param.high)}  # type: ignore[attr-defined]
+        for field, value in probes.items():
+            cfg, problem = _try_train(spec.train, {key: value})
+            if cfg is None:
+                raise SpecError(f"{where}.{field}", _strip_own_key(problem, key), value)
+
+
+def _metric_cadence(train: TrainConfig, metric: str) -> tuple[str, int]:
+    if metric.startswith("val/"):
+        return "train.eval_every", train.eval_every
+    if metric.startswith(f"{names.PREFIX}/"):
+        return "train.probe.every", train.probe.every
+    return "train.log_every", train.log_every
+
+
+def _check_scheduler(spec: SweepSpec, scheduler: SchedulerConfig) -> None:
+    swept_steps = "steps" in spec.grid or (spec.search is not None and "steps" in spec.search.space)
+    if swept_steps and not scheduler.allow_steps_axis:
+        raise SpecError(
+            "scheduler",
+            "ASHA with 'steps' as an axis compares trials of different lengths at the same step, where the"
+            " shorter cosine schedule has already decayed and looks better, so it would stop the long runs"
+            " for the wrong reason; sweep steps without a scheduler, or set scheduler.allow_steps_axis: true",
+        )
+    steps = max(cfg.steps for cfg in (spec.trial_config(a) for a in spec.assignments()))
+    if scheduler.grace_period >= steps:
+        raise SpecError(
+            "scheduler.grace_period",
+            f"is not below the trial length ({steps} steps), so ASHA could never stop a trial",
+            scheduler.grace_period,
+        )
+    key, every = _metric_cadence(spec.train, scheduler.metric)
+    if every == 0:
+        raise SpecError(
+            "scheduler.metric",
+            f"is only reported at the end because {key} is 0; set {key} to at most grace_period"
+            f" ({scheduler.grace_period}) so ASHA can compare trials while they run",
+            scheduler.metric,
+        )
+
+
+def _check_storage(storage: str) -> None:
+    scheme, sep, rest = storage.partition("://")
+    if sep and not rest.strip("/"):
+        raise SpecError("storage", f"the URL needs a bucket, e.g. {scheme}://my-bucket/ray_results", storage)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        except TypeError:  # unhashable key: let construct_mapping report it
+            break
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The raw mapping in a spec file; SpecError (without the file name) for anything else."""
+    if not path.exists():
+        raise SpecError("", "no such file")
+    if path.is_dir():
+        raise SpecError("", "is a directory, not a YAML file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        start = getattr(err, "context_mark", None)
+        if start is not None and getattr(err, "context", None) and start.line != getattr(mark, "line", None):
+            problem += f" ({err.context} started at line {start.line + 1})"  # type: ignore[attr-defined]
+        raise SpecError(where, f"invalid YAML: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"not a text file: {err.reason}") from None
+    if data is None:
+        raise SpecError("", "empty file; a spec needs at least 'name' and 'train'")
+    if not isinstance(data, dict):
+        raise SpecError("", f"the top level must be a mapping of keys (name, train, grid, ...), not a {type(data).__name__}", data)
+    return data
+
+
+def parse_spec(raw: Mapping[str, Any]) -> SweepSpec:
+    """Validate a raw spec mapping; SpecError (one line, no file name) when it is wrong."""
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        where, problem = first_problem(err, SweepSpec)
+        got = _first_input(err)
+        raise SpecError(where, problem) if got is _NO_INPUT else SpecError(where, problem, got) from None
+
+
+_NO_INPUT = object()
+
+
+def _first_input(err: ValidationError) -> Any:
+    value = err.errors()[0].get("input", _NO_INPUT)
+    return _NO_INPUT if isinstance(value, dict) else value  # a whole block is noise, its key says enough
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read, override (`--set key=value`) and validate a spec file. SpecError names the file and key."""
+    try:
+        raw = read_yaml(Path(path))
+        return parse_spec(apply_overrides(raw, overrides, SweepSpec))
+    except SpecError as err:
+        raise err.with_file(str(path)) from None
