@@ -236,7 +236,6 @@ def _apply_one(raw: dict[str, Any], schema: type[BaseModel], key: str, value: An
     parts = key.split(".")
     node, model = raw, schema
     for i, part in enumerate(parts):
-        where = f"--set {'.'.join(parts[:i + 1])}"
         if part not in model.model_fields:
             parent = ".".join(parts[:i]) or "the spec"
             raise SpecError(f"--set {key}", unknown_key_problem(list(model.model_fields), part, parent))
@@ -254,7 +253,7 @@ def _apply_one(raw: dict[str, Any], schema: type[BaseModel], key: str, value: An
             return
         models = _models_in(annotation)
         if len(models) != 1:
-            raise SpecError(where, f"holds a value, not a mapping; cannot set {key!r}")
+            raise SpecError(f"--set {key}", f"{'.'.join(parts[: i + 1])} holds a value, not a mapping")
         child = node.get(part)
         if not isinstance(child, dict):  # absent or null (e.g. `scheduler: null`): start a block
             child = node[part] = {}

@@ -73,7 +73,7 @@ class LogUniformParam(_Range):
 
 
 class IntParam(_Range):
-    """Integers in [low, high): Tune's randint excludes the upper bound."""
+    """Integers from low to high, both included (the launcher asks Tune for randint(low, high + 1))."""
 
     type: Literal["int"]
     low: int
@@ -92,11 +92,11 @@ SEARCH_PARAM_TYPES: dict[str, type[BaseModel]] = {
 
 
 def describe_param(param: BaseModel) -> str:
-    """'loguniform[0.0001, 0.003]', 'int[1, 8)', 'choice{a, b}': how a searched key shows in a plan."""
+    """'loguniform[0.0001, 0.003]', 'int[1, 8]', 'choice{a, b}': how a searched key shows in a plan."""
     if isinstance(param, ChoiceParam):
         return "choice{" + ", ".join(str(v) for v in param.values) + "}"
     if isinstance(param, IntParam):
-        return f"int[{param.low}, {param.high})"
+        return f"int[{param.low}, {param.high}]"
     return f"{param.type}[{param.low:g}, {param.high:g}]"  # type: ignore[attr-defined]
 
 
@@ -281,7 +281,7 @@ def _check_search(spec: SweepSpec, search: SearchConfig) -> None:
         if isinstance(param, ChoiceParam):
             probes = {f"values[{i}]": v for i, v in enumerate(param.values)}
         elif isinstance(param, IntParam):
-            probes = {"low": param.low, "high": param.high - 1}
+            probes = {"low": param.low, "high": param.high}
         else:  # floats: Tune samples floats even when the bounds are written as integers
             probes = {"low": float(param.low), "high": float(param.high)}  # type: ignore[attr-defined]
         for field, value in probes.items():
