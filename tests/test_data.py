@@ -292,3 +292,17 @@ def test_s3_root_syncs_once_to_the_cache_and_loads(s3_bucket, tmp_path: Path) ->
     for rel in ("train/bee/1.png", "val/cat/0.png"):
         assert (local / rel).read_bytes() == (original / rel).read_bytes()
     assert (local / SYNC_MARKER).exists()
+
+
+def test_s3_concurrent_syncs_on_one_node_do_not_race(s3_bucket, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainers.data.s3sync import sync_prefix
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(sync_prefix, ["s3://data/imagenet-tiny"] * 3))
+    local = tmp_path / "cache" / "data" / "imagenet-tiny"
+    assert results == [local] * 3
+    synced = sorted(p.relative_to(local) for p in local.rglob("*.png"))
+    assert synced == sorted(p.relative_to(tmp_path / "tree") for p in (tmp_path / "tree").rglob("*.png"))
+    assert not list(local.rglob("*.part"))
