@@ -51,7 +51,7 @@ NEIGHBOUR_COS_NORMAL = f"{PREFIX}/neighbour_cos/normal"
 
 def linear_probe(task: str, token: str) -> str:
     """Held-out score of a linear probe. task: position_acc|pixel_mse|class_acc;
-    token: outlier|normal|cls|reg."""
+    token: outlier|normal|cls|reg, or normal_matched (normal tokens drawn to the outliers' count)."""
     return f"{PREFIX}/linear/{task}/{token}"
 
 
@@ -77,3 +77,6 @@ NORMS_FILE = "norms.npz"  # bin_edges [B+1]; hist_patch [L, B]; hist_cls [L, B];
 #                           stats_* arrays; outlier_frac_robust/abs [L]; L = depth, last row = output
 ATTENTION_FILE = "attention.npz"  # images uint8 [n,H,W,3]; cls_attn [n,h,w]; reg_attn [n,R,h,w];
 #                                   outlier_mask bool [n,h,w]
+NORM_HIST_FIGURE = "norm_hist.png"  # one panel per block: patch/cls/reg norm histograms (log-log)
+ATTENTION_FIGURE = "attention.png"  # per probe image: image, [CLS] map, each register's map
+OUTLIER_MAP_FIGURE = "outlier_map.png"  # output-layer outlier frequency per patch position
