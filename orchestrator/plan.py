@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.spec import SEED_AXIS, SweepSpec, describe_param
+from orchestrator.spec import SweepSpec, describe_param
 from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.model import train_flops_per_image
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.overrides import (
+    read_yaml,
     SpecError,
     apply_overrides,
     get_dotted,
@@ -331,53 +331,6 @@ def _check_storage(storage: str) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line + 1
-        except TypeError:  # unhashable key: let construct_mapping report it
-            break
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The raw mapping in a spec file; SpecError (without the file name) for anything else."""
-    if not path.exists():
-        raise SpecError("", "no such file")
-    if path.is_dir():
-        raise SpecError("", "is a directory, not a YAML file")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        start = getattr(err, "context_mark", None)
-        if start is not None and getattr(err, "context", None) and start.line != getattr(mark, "line", None):
-            problem += f" ({err.context} started at line {start.line + 1})"  # type: ignore[attr-defined]
-        raise SpecError(where, f"invalid YAML: {problem}") from None
-    except UnicodeDecodeError as err:
-        raise SpecError("", f"not a text file: {err.reason}") from None
-    if data is None:
-        raise SpecError("", "empty file; a spec needs at least 'name' and 'train'")
-    if not isinstance(data, dict):
-        raise SpecError("", f"the top level must be a mapping of keys (name, train, grid, ...), not a {type(data).__name__}", data)
-    return data
 
 
 def parse_spec(raw: Mapping[str, Any]) -> SweepSpec:
