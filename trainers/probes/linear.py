@@ -141,7 +141,8 @@ def class_probes(
     tokens["normal"] = (patches[rows, _random_normal(outliers, generator)], rows)
     has_outlier = outliers.any(dim=1)
     with_out = torch.nonzero(has_outlier).flatten()
-    if (with_out < n_train).sum() >= MIN_OUTLIER_TRAIN_IMAGES and (with_out >= n_train).sum() >= MIN_OUTLIER_TEST_IMAGES:
+    enough_train = int((with_out < n_train).sum()) >= MIN_OUTLIER_TRAIN_IMAGES
+    if enough_train and int((with_out >= n_train).sum()) >= MIN_OUTLIER_TEST_IMAGES:
         loudest = patch_norms.masked_fill(~outliers, -1.0).argmax(dim=1)
         tokens["outlier"] = (patches[with_out, loudest[with_out]], with_out)
         normal = _random_normal(outliers, generator)

@@ -7,6 +7,7 @@ writes `files` under names.artifact_dir(step).
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -97,9 +98,11 @@ def _measure(vit: VisionTransformer, batch: Batch, cfg: ProbeConfig, figures: bo
     if batch.masks is not None and len(batch) >= MIN_IMAGES:
         num_labels = int(batch.masks.max()) + 1
         if num_labels > 1:
-            scalars[names.SEG_MIOU] = segmentation_miou(patches, patch_labels(batch.masks, cap.grid, num_labels), num_labels)
-        if attention.cls_maps is not None:
-            scalars[names.CORLOC] = corloc(attention.cls_maps, batch.masks)
+            labels = patch_labels(batch.masks, cap.grid, num_labels)
+            scalars[names.SEG_MIOU] = segmentation_miou(patches, labels, num_labels)
+        found = corloc(attention.cls_maps, batch.masks) if attention.cls_maps is not None else float("nan")
+        if math.isfinite(found):  # NaN when no probe image has an object: leave the metric out
+            scalars[names.CORLOC] = found
 
     files = {names.NORMS_FILE: npz_bytes(norms.arrays), names.ATTENTION_FILE: npz_bytes(attention.arrays)}
     if figures:
