@@ -166,7 +166,7 @@ class Trainer:
         from trainers.probes.report import run_probes  # heavy (matplotlib), only when probing
 
         report = run_probes(self.model, self.data.probe_batch(self.cfg.probe.batch_size), self.cfg.probe)
-        tracker.log_metrics({**report.scalars, names.PROBE_SECONDS: report.seconds}, self.step)
+        tracker.log_metrics(report.scalars, self.step)  # includes probe/seconds
         if report.files:
             tracker.log_files(report.files, names.artifact_dir(self.step))
         return report.seconds
