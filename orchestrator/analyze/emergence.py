@@ -1,0 +1,146 @@
+"""When and where artifact tokens emerge, from trials without registers.
+
+The signal is the fraction of patch tokens the scale-free detector flags as high-norm outliers
+(probe/outlier_frac/<location>), averaged over seeds. An emergence point is where that fraction
+crosses the threshold and stays above it: for all later probe steps (when), and for all deeper
+blocks at the last probe step (where). A fraction that rises and falls back is not an emergence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.load import Sweep
+
+OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class EmergencePoint:
+    model_size: str
+    steps: int  # training length
+    n_seeds: int
+    status: str  # 'emerged' | 'none' | 'missing' (no outlier-fraction metrics logged)
+    step: int | None  # first probe step from which the fraction stays above the threshold
+    fraction: float | None  # step / training length
+    block: int | None  # first block from which (to the output) it stays above, at the last probe step
+    final_output_frac: float | None  # at the last probe step
+
+
+def outlier_points(sweep: Sweep) -> pd.DataFrame:
+    """Outlier fractions of no-register trials, averaged over seeds.
+
+    Columns: model_size, steps, location, block (NaN for output), step, fraction (of training), value, n_seeds.
+    """
+    trials = sweep.trials_frame()
+    trials = trials[trials["num_registers"] == 0]
+    history = sweep.history.assign(location=sweep.history["key"].map(cat.outlier_location))
+    history = history.dropna(subset=["location", "value"])
+    columns = ["model_size", "steps", "location", "block", "step", "fraction", "value", "n_seeds"]
+    if trials.empty or history.empty:
+        return pd.DataFrame(columns=columns)
+    merged = history.merge(trials[["run_id", "model_size", "steps"]], on="run_id")
+    grouped = merged.groupby(["model_size", "steps", "location", "step"], as_index=False).agg(
+        value=("value", "mean"), n_seeds=("run_id", "nunique")
+    )
+    grouped["block"] = grouped["location"].map(cat.block_index).astype(float)
+    grouped["fraction"] = grouped["step"] / grouped["steps"]
+    return grouped[columns]
+
+
+def first_sustained_crossing(values: Sequence[float], threshold: float) -> int | None:
+    """Index from which every value is above `threshold`; None if the last value is not above it."""
+    start: int | None = None
+    for index, value in enumerate(values):
+        if value > threshold:
+            start = index if start is None else start
+        else:
+            start = None
+    return start
+
+
+def emergence_points(sweep: Sweep, threshold: float) -> list[EmergencePoint]:
+    """One point per (model size, training length) with no-register trials, sizes in table order."""
+    points = outlier_points(sweep)
+    trials = sweep.trials_frame()
+    trials = trials[trials["num_registers"] == 0]
+    result: list[EmergencePoint] = []
+    groups = sorted({(r.model_size, r.steps) for r in trials.itertuples()}, key=lambda g: (cat.size_sort_key(g[0]), g[1]))
+    for size, steps in groups:
+        n_seeds = int(trials[(trials["model_size"] == size) & (trials["steps"] == steps)]["seed"].nunique())
+        group = points[(points["model_size"] == size) & (points["steps"] == steps)]
+        result.append(_point(size, steps, n_seeds, group, threshold))
+    return result
+
+
+def _point(size: str, steps: int, n_seeds: int, group: pd.DataFrame, threshold: float) -> EmergencePoint:
+    if group.empty:
+        return EmergencePoint(size, steps, n_seeds, "missing", None, None, None, None)
+    # When: the output's fraction over probe steps (the deepest block when no output is logged).
+    over_time = group[group["location"] == OUTPUT]
+    if over_time.empty:
+        over_time = group[group["block"] == group["block"].max()]
+    over_time = over_time.sort_values("step")
+    start = first_sustained_crossing(over_time["value"].tolist(), threshold)
+    step = int(over_time["step"].iloc[start]) if start is not None else None
+    # Where: the blocks at the last probe step, shallow to deep.
+    blocks = group.dropna(subset=["block"])
+    block: int | None = None
+    if not blocks.empty:
+        last = blocks[blocks["step"] == blocks["step"].max()].sort_values("block")
+        first = first_sustained_crossing(last["value"].tolist(), threshold)
+        block = int(last["block"].iloc[first]) if first is not None else None
+    return EmergencePoint(
+        model_size=size,
+        steps=steps,
+        n_seeds=n_seeds,
+        status="emerged" if step is not None else "none",
+        step=step,
+        fraction=round(step / steps, 4) if step is not None else None,
+        block=block,
+        final_output_frac=float(over_time["value"].iloc[-1]),
+    )
+
+
+def progress_grid(points: pd.DataFrame, steps: int) -> pd.DataFrame:
+    """Output outlier fraction: rows = model sizes (table order), columns = fraction of training."""
+    sel = points[(points["steps"] == steps) & (points["location"] == OUTPUT)]
+    if sel.empty:  # no output key logged: use each size's deepest block
+        sel = points[points["steps"] == steps]
+        sel = sel[sel["block"] == sel.groupby("model_size")["block"].transform("max")]
+    grid = sel.assign(fraction=sel["fraction"].round(3)).pivot_table(
+        index="model_size", columns="fraction", values="value", aggfunc="mean"
+    )
+    return grid.reindex(sorted(grid.index, key=cat.size_sort_key))
+
+
+def depth_grid(points: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
+    """Outlier fraction: rows = blocks (shallow first, output last), columns = probe steps."""
+    sel = points[(points["model_size"] == size) & (points["steps"] == steps)]
+    grid = sel.pivot_table(index="location", columns="step", values="value", aggfunc="mean")
+    order = sorted(grid.index, key=lambda loc: (cat.block_index(loc) is None, cat.block_index(loc) or 0))
+    return grid.reindex(order)
+
+
+def emergence_table(points: list[EmergencePoint]) -> pd.DataFrame:
+    """The table written to CSV and Markdown; 'none' where artifacts never emerged."""
+    rows = []
+    for p in points:
+        rows.append(
+            {
+                "model_size": p.model_size,
+                "steps": p.steps,
+                "seeds": p.n_seeds,
+                "artifacts": {"emerged": "yes", "none": "no", "missing": "no data"}[p.status],
+                "emergence_step": p.step if p.step is not None else "none",
+                "emergence_fraction": f"{p.fraction:g}" if p.fraction is not None else "none",
+                "emergence_block": p.block if p.block is not None else "none",
+                "final_output_outlier_frac": round(p.final_output_frac, 4) if p.final_output_frac is not None else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,134 @@
+"""The analysis end to end: load the sweep, map emergence, judge registers, draw, write, log."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.artifacts import ArtifactReader
+from orchestrator.analyze.emergence import EmergencePoint, emergence_points, outlier_points
+from orchestrator.analyze.figures import emergence_depth_figure, emergence_progress_figure, register_effect_figure
+from orchestrator.analyze.load import Sweep, load_sweep
+from orchestrator.analyze.probe_figures import probe_figures
+from orchestrator.analyze.publish import log_analysis_run
+from orchestrator.analyze.registers import BestCount, Recommendation, best_counts, recommend, register_stats
+from orchestrator.analyze.report import write_outputs
+
+
+@dataclass
+class AnalysisResult:
+    sweep: Sweep
+    out_dir: Path
+    threshold: float
+    parent_run: str | None
+    emergence: list[EmergencePoint]
+    stats: pd.DataFrame
+    best: list[BestCount]
+    recommendation: Recommendation
+    figures: dict[str, Path] = field(default_factory=dict)
+    caveats: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+    analysis_run_id: str | None = None
+
+    @property
+    def sizes_with_artifacts(self) -> list[str]:
+        return sorted({p.model_size for p in self.emergence if p.status == "emerged"}, key=cat.size_sort_key)
+
+
+def run_analysis(
+    experiment: str,
+    out_dir: Path | str,
+    *,
+    tracking_uri: str | None = None,
+    parent_run: str | None = None,
+    threshold: float = 0.01,
+    metric_for_best: str = "miou",
+    log_to_mlflow: bool = True,
+) -> AnalysisResult:
+    """Analyse the finished trials of `experiment`, write the results to `out_dir`, and
+    (unless log_to_mlflow is False) log them as an `analysis` run in the same experiment."""
+    cat.metric_spec(metric_for_best)  # fail on a typo before any work
+    sweep = load_sweep(experiment, tracking_uri, parent_run)
+    return analyse_sweep(sweep, out_dir, parent_run=parent_run, threshold=threshold,
+                         metric_for_best=metric_for_best, log_to_mlflow=log_to_mlflow)
+
+
+def analyse_sweep(
+    sweep: Sweep,
+    out_dir: Path | str,
+    *,
+    parent_run: str | None = None,
+    threshold: float = 0.01,
+    metric_for_best: str = "miou",
+    log_to_mlflow: bool = True,
+) -> AnalysisResult:
+    """The analysis of an already loaded sweep (see run_analysis)."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    points = outlier_points(sweep)
+    stats = register_stats(sweep)
+    result = AnalysisResult(
+        sweep=sweep,
+        out_dir=out,
+        threshold=threshold,
+        parent_run=parent_run,
+        emergence=emergence_points(sweep, threshold),
+        stats=stats,
+        best=best_counts(stats),
+        recommendation=recommend(stats, threshold, metric_for_best),
+    )
+    result.caveats = data_caveats(sweep, stats)
+    _draw_metric_figures(result, points)
+    with tempfile.TemporaryDirectory(prefix="analysis-artifacts-") as cache:
+        reader = ArtifactReader(MlflowClient(tracking_uri=sweep.tracking_uri), Path(cache))
+        figures, notes = probe_figures(reader, sweep.trials, out / "figures", result.recommendation.num_registers)
+    result.figures.update(figures)
+    result.caveats += notes + [f"could not read {m}" for m in reader.missing[:10]]
+    result.report_path = write_outputs(result)
+    if log_to_mlflow:
+        result.analysis_run_id = log_analysis_run(result)
+    return result
+
+
+def _draw_metric_figures(result: AnalysisResult, points: pd.DataFrame) -> None:
+    folder = result.out_dir / "figures"
+    drawn = {"emergence_progress": emergence_progress_figure(points, result.threshold, folder / "emergence_progress.png")}
+    for size in sorted(points["model_size"].unique(), key=cat.size_sort_key):
+        drawn[f"emergence_depth_{size}"] = emergence_depth_figure(points, size, result.threshold, folder / f"emergence_depth_{size}.png")
+    drawn["register_effect"] = register_effect_figure(result.stats, result.recommendation.steps_used, folder / "register_effect.png")
+    result.figures.update({name: path for name, path in drawn.items() if path is not None})
+
+
+def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
+    """Sentences on what limits the conclusions: skipped runs, seeds, missing metrics."""
+    caveats: list[str] = []
+    if sweep.skipped:
+        by_status = pd.Series([s.status for s in sweep.skipped]).value_counts().to_dict()
+        listed = ", ".join(f"{n} {status}" for status, n in by_status.items())
+        caveats.append(f"{len(sweep.skipped)} runs skipped ({listed}); they are listed below and in skipped_runs.csv.")
+    if sweep.duplicates_dropped:
+        caveats.append(
+            f"{len(sweep.duplicates_dropped)} finished runs repeated a setting and seed of a later run and were "
+            f"replaced by it: {', '.join(r[:8] for r in sweep.duplicates_dropped[:10])}."
+        )
+    trials = sweep.trials_frame()
+    if trials["seed"].nunique() < 2:
+        caveats.append("One seed per setting: no confidence intervals, so the sweep cannot tell close results apart.")
+    if (trials["num_registers"] == 0).sum() == 0:
+        caveats.append("No trial without registers: the emergence of artifacts cannot be mapped.")
+    if trials["num_registers"].nunique() < 2:
+        caveats.append("Only one register count was swept: the effect of registers cannot be measured.")
+    final_keys = sweep.final_values().groupby("key")["run_id"].nunique() if not sweep.history.empty else pd.Series(dtype=int)
+    for spec in cat.REGISTER_METRICS:
+        have = int(final_keys.get(spec.key, 0))
+        if have == 0:
+            caveats.append(f"No trial logged {spec.key} ({spec.label}): it is missing from the tables and figures.")
+        elif have < len(trials):
+            caveats.append(f"{len(trials) - have} of {len(trials)} trials did not log {spec.key} ({spec.label}).")
+    return caveats
+

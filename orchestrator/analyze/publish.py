@@ -1,0 +1,66 @@
+"""Log an analysis back into the sweep's experiment as an `analysis` run: the report, tables
+and figures as artifacts, the key numbers as params and metrics."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+from orchestrator.analyze import catalog as cat
+
+if TYPE_CHECKING:
+    from orchestrator.analyze.pipeline import AnalysisResult
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def _key(*parts: object) -> str:
+    return "/".join(_UNSAFE.sub("_", str(p)) for p in parts)
+
+
+def log_analysis_run(result: AnalysisResult) -> str:
+    """Create the run, log everything, and return its id."""
+    sweep, rec = result.sweep, result.recommendation
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    tags = {cat.ROLE_TAG: cat.ANALYSIS_ROLE, cat.SWEEP_NAME_TAG: sweep.experiment_name}
+    if result.parent_run:
+        # Not mlflow.parentRunId: the analysis must not count as one of the launch's trials.
+        tags["analysis.parent_run"] = result.parent_run
+    run = client.create_run(sweep.experiment_id, tags=tags, run_name="analysis")
+    run_id = run.info.run_id
+    params = {
+        "threshold": f"{result.threshold:g}",
+        "metric_for_best": rec.metric,
+        "recommendation_rule": rec.rule[:500],
+        "recommended_num_registers": str(rec.num_registers) if rec.num_registers is not None else "none",
+        "parent_run": result.parent_run or "all",
+        "skipped_run_ids": ",".join(s.run_id for s in sweep.skipped)[:6000] or "none",
+    }
+    now = get_current_time_millis()
+    metrics = {
+        "trials": len(sweep.trials),
+        "skipped_runs": len(sweep.skipped),
+        "can_tell": float(rec.can_tell),
+    }
+    if rec.num_registers is not None:
+        metrics["recommended_num_registers"] = rec.num_registers
+    for p in result.emergence:
+        metrics[_key("emergence", p.model_size, f"steps_{p.steps}", "emerged")] = float(p.status == "emerged")
+        for name, value in (("step", p.step), ("fraction", p.fraction), ("block", p.block)):
+            if value is not None:
+                metrics[_key("emergence", p.model_size, f"steps_{p.steps}", name)] = float(value)
+    for b in result.best:
+        metrics[_key("best_num_registers", b.model_size, f"steps_{b.steps}", b.metric)] = b.best
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag("mlflow.note.content", f"Analysis of {sweep.experiment_name}: see report.md")],
+    )
+    client.log_artifacts(run_id, str(result.out_dir))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

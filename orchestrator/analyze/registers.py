@@ -1,0 +1,194 @@
+"""The effect of the number of registers: per model size, each metric's mean and 95% t-interval
+over seeds against the register count, the best count per metric, and a recommendation.
+
+Recommendation rule (stated in the report): the smallest register count whose dense score is
+within the 95% interval of the best count's and whose output outlier fraction is at most the
+threshold; in every model size at once for the overall answer. The dense score is the mIoU, or
+val top-1 when no trial logged an mIoU. Each size is judged at its longest training length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+from scipy.special import stdtrit  # inverse Student t CDF; scipy.stats takes seconds to import
+
+from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.load import Sweep
+
+STATS_COLUMNS = ["model_size", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
+
+
+def register_stats(sweep: Sweep) -> pd.DataFrame:
+    """Final value of each register metric per trial -> mean and 95% t-interval over seeds.
+
+    With one seed the interval is undefined (NaN), not zero-width.
+    """
+    final = sweep.final_values()
+    by_key = {m.key: m.short for m in cat.REGISTER_METRICS}
+    final = final[final["key"].isin(by_key)].dropna(subset=["value"])
+    if final.empty:
+        return pd.DataFrame(columns=STATS_COLUMNS)
+    merged = final.assign(metric=final["key"].map(by_key)).merge(sweep.trials_frame(), on="run_id")
+    rows = []
+    for (size, steps, metric, regs), group in merged.groupby(["model_size", "steps", "metric", "num_registers"]):
+        values = group["value"].to_numpy(dtype=float)
+        low, high = t_interval(values)
+        rows.append((size, int(steps), metric, int(regs), len(values), float(values.mean()), low, high))
+    frame = pd.DataFrame(rows, columns=STATS_COLUMNS)
+    metric_order = {m.short: i for i, m in enumerate(cat.REGISTER_METRICS)}
+    order = {"_size": frame["model_size"].map(cat.size_sort_key), "_metric": frame["metric"].map(metric_order)}
+    ordered = frame.assign(**order).sort_values(["_size", "steps", "_metric", "num_registers"])
+    return ordered.drop(columns=list(order)).reset_index(drop=True)
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    n = len(values)
+    if n < 2:
+        return (math.nan, math.nan)
+    mean = float(sum(values) / n)
+    sd = float(pd.Series(values).std(ddof=1))
+    half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * sd / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class BestCount:
+    model_size: str
+    steps: int
+    metric: str  # short name
+    best: int
+    mean: float
+    clear: bool  # False with one seed or when another count's interval overlaps the best's
+    tied_with: tuple[int, ...]  # counts whose interval overlaps the best's
+    min_seeds: int
+
+
+def best_counts(stats: pd.DataFrame) -> list[BestCount]:
+    """The best register count per (size, length, metric), with whether the sweep can tell."""
+    result = []
+    for (size, steps, metric), group in stats.groupby(["model_size", "steps", "metric"], sort=False):
+        spec = cat.METRICS_BY_SHORT[metric]
+        group = group.sort_values("num_registers")
+        # Ties go to the smaller count: fewer registers cost less.
+        best_row = group.loc[(group["mean"] if spec.higher_is_better else -group["mean"]).idxmax()]
+        others = group[group["num_registers"] != best_row["num_registers"]]
+        tied = tuple(int(r.num_registers) for r in others.itertuples() if _overlap(best_row, r))
+        min_seeds = int(group["n"].min())
+        clear = min_seeds >= 2 and not tied
+        result.append(
+            BestCount(size, int(steps), metric, int(best_row["num_registers"]), float(best_row["mean"]), clear, tied, min_seeds)
+        )
+    return result
+
+
+def _overlap(a, b) -> bool:
+    if any(math.isnan(x) for x in (a.ci_low, a.ci_high, b.ci_low, b.ci_high)):
+        return True  # undefined intervals cannot separate anything
+    return a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
+
+
+@dataclass
+class Recommendation:
+    num_registers: int | None
+    metric: str  # short name of the dense score used
+    rule: str
+    can_tell: bool
+    per_size: dict[str, int | None] = field(default_factory=dict)
+    steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per size
+    verdict: list[str] = field(default_factory=list)  # sentences for the report
+
+
+def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "miou") -> Recommendation:
+    dense = cat.metric_spec(metric_for_best).short
+    verdict: list[str] = []
+    if dense not in set(stats["metric"]):
+        fallback = "top1"
+        verdict.append(f"No trial logged {cat.METRICS_BY_SHORT[dense].key}; the rule falls back to {fallback}.")
+        dense = fallback
+    spec = cat.METRICS_BY_SHORT[dense]
+    rule = (
+        f"the smallest register count whose {spec.label} is within the 95% interval of the best count's "
+        f"and whose output outlier fraction is at most {threshold:g}, in every model size "
+        f"(each at its longest training length)"
+    )
+    sel = stats[stats["metric"] == dense]
+    if sel.empty:
+        verdict.append(f"No trial logged {spec.key} either: the sweep cannot recommend a register count.")
+        return Recommendation(None, dense, rule, False, verdict=verdict)
+    longest = sel.groupby("model_size")["steps"].max().to_dict()
+    ok_by_size: dict[str, set[int]] = {}
+    per_size: dict[str, int | None] = {}
+    can_tell = True
+    for size in sorted(longest, key=cat.size_sort_key):
+        steps = longest[size]
+        group = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+        ok, sentences, clear = _judge_size(group, spec, threshold)
+        can_tell &= clear
+        verdict.extend(f"{size} ({steps} steps): {s}" for s in sentences)
+        ok_by_size[size] = ok
+        per_size[size] = min(ok) if ok else None
+    common = set.intersection(*ok_by_size.values()) if ok_by_size else set()
+    choice = min(common) if common else None
+    if choice is None:
+        verdict.append("No register count meets the rule in every model size; see the per-size answers.")
+    return Recommendation(choice, dense, rule, can_tell, per_size, {k: int(v) for k, v in longest.items()}, verdict)
+
+
+def _judge_size(group: pd.DataFrame, spec: cat.MetricSpec, threshold: float) -> tuple[set[int], list[str], bool]:
+    """Counts that meet the rule in one size, sentences explaining it, and whether the sweep can tell."""
+    dense = group[group["metric"] == spec.short].sort_values("num_registers")
+    if dense.empty:
+        return set(), [f"no {spec.label} logged."], False
+    best = best_counts(dense)[0]
+    best_row = dense[dense["num_registers"] == best.best].iloc[0]
+    sentences: list[str] = []
+    if best.min_seeds < 2:
+        sentences.append(
+            f"the sweep cannot tell which register count is best: one seed per setting, so no confidence "
+            f"interval (best single-run {spec.label}: {best.best} registers, {best.mean:.4g})."
+        )
+        bound = best_row["mean"]
+    else:
+        bound = best_row["ci_low"] if spec.higher_is_better else best_row["ci_high"]
+        if best.tied_with:
+            sentences.append(
+                f"the sweep cannot tell {best.best} registers apart from {_join(best.tied_with)} on {spec.label}: "
+                f"their 95% intervals overlap."
+            )
+        else:
+            sentences.append(
+                f"{best.best} registers give the best {spec.label} ({best.mean:.4g}, 95% interval "
+                f"{best_row['ci_low']:.4g} to {best_row['ci_high']:.4g}), clear of every other count."
+            )
+    within = {
+        int(r.num_registers)
+        for r in dense.itertuples()
+        if (r.mean >= bound if spec.higher_is_better else r.mean <= bound)
+    }
+    outliers = group[group["metric"] == "outlier_frac"].set_index("num_registers")["mean"]
+    if outliers.empty:
+        sentences.append("no output outlier fraction logged: the near-zero condition was not checked.")
+        clean = within
+    else:
+        clean = {c for c in within if c not in outliers.index or outliers[c] <= threshold}
+    return clean, sentences, best.clear
+
+
+def _join(counts) -> str:
+    return ", ".join(str(c) for c in counts)
+
+
+def metric_table(stats: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
+    """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'."""
+    sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+    table: dict[str, dict[int, str]] = {}
+    for r in sel.itertuples():
+        cell = f"{r.mean:.4g} (n=1)" if r.n < 2 else f"{r.mean:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}]"
+        table.setdefault(r.metric, {})[int(r.num_registers)] = cell
+    columns = [m.short for m in cat.REGISTER_METRICS if m.short in table]
+    frame = pd.DataFrame({c: table[c] for c in columns}).sort_index()
+    frame.index.name = "registers"
+    return frame.fillna("missing").reset_index()

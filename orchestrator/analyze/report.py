@@ -1,0 +1,219 @@
+"""The written results: CSV tables, summary.json, and report.md (findings in sentences with the
+numbers, tables, relative links to the figures, caveats)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.emergence import emergence_table
+from orchestrator.analyze.registers import metric_table
+
+if TYPE_CHECKING:
+    from orchestrator.analyze.pipeline import AnalysisResult
+
+FIGURE_TITLES = {
+    "emergence_progress": "Outlier fraction against training progress and model size",
+    "register_effect": "Metrics against the number of registers (paper Fig. 8)",
+    "norm_hist_output": "Output norm histogram without and with registers (paper Fig. 3, 7)",
+    "norm_distributions": "Norm distribution against block, training step and model size (paper Fig. 4 a-c)",
+    "attention_maps": "CLS-token and register attention maps (paper Fig. 1, 9)",
+}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no tabulate dependency)."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def best_table(result: AnalysisResult) -> pd.DataFrame:
+    rows = [
+        {
+            "model_size": b.model_size,
+            "steps": b.steps,
+            "metric": b.metric,
+            "direction": "higher" if cat.METRICS_BY_SHORT[b.metric].higher_is_better else "lower",
+            "best_num_registers": b.best,
+            "mean": round(b.mean, 4),
+            "seeds": b.min_seeds,
+            "clear": "yes" if b.clear else ("no (one seed)" if b.min_seeds < 2 else "no (overlaps " + ", ".join(map(str, b.tied_with)) + ")"),
+        }
+        for b in result.best
+    ]
+    return pd.DataFrame(rows, columns=["model_size", "steps", "metric", "direction", "best_num_registers", "mean", "seeds", "clear"])
+
+
+def skipped_table(result: AnalysisResult) -> pd.DataFrame:
+    rows = [{"run_id": s.run_id, "trial_id": s.trial_id, "status": s.status, "axes": s.axes, "reason": s.reason} for s in result.sweep.skipped]
+    return pd.DataFrame(rows, columns=["run_id", "trial_id", "status", "axes", "reason"])
+
+
+def write_outputs(result: AnalysisResult) -> Path:
+    """Write every table, summary.json and report.md into result.out_dir; returns the report path."""
+    out = result.out_dir
+    emergence = emergence_table(result.emergence)
+    emergence.to_csv(out / "emergence.csv", index=False)
+    (out / "emergence.md").write_text(markdown_table(emergence) + "\n")
+    result.stats.to_csv(out / "register_effect.csv", index=False)
+    best_table(result).to_csv(out / "best_registers.csv", index=False)
+    skipped_table(result).to_csv(out / "skipped_runs.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
+    report = out / "report.md"
+    report.write_text(render_report(result, emergence))
+    return report
+
+
+def summary(result: AnalysisResult) -> dict:
+    rec = result.recommendation
+    return {
+        "experiment": result.sweep.experiment_name,
+        "tracking_uri": result.sweep.tracking_uri,
+        "threshold": result.threshold,
+        "trials": len(result.sweep.trials),
+        "skipped": [asdict(s) for s in result.sweep.skipped],
+        "sizes_with_artifacts": result.sizes_with_artifacts,
+        "emergence": [asdict(p) for p in result.emergence],
+        "best": [asdict(b) for b in result.best],
+        "recommendation": {
+            "num_registers": rec.num_registers,
+            "metric": rec.metric,
+            "rule": rec.rule,
+            "can_tell": rec.can_tell,
+            "per_size": rec.per_size,
+            "steps_used": rec.steps_used,
+        },
+        "figures": {name: str(path.relative_to(result.out_dir)) for name, path in result.figures.items()},
+        "caveats": result.caveats,
+    }
+
+
+def _join(items: Sequence[object]) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1] if items else "none"
+
+
+def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
+    sweep, rec, thr = result.sweep, result.recommendation, result.threshold
+    trials = sweep.trials_frame()
+    seeds = trials.groupby(["model_size", "num_registers", "steps"])["seed"].nunique()
+    lines = [
+        f"# Sweep analysis: {sweep.experiment_name}",
+        "",
+        f"Tracking store `{sweep.tracking_uri}`, experiment id {sweep.experiment_id}"
+        + (f", parent run `{result.parent_run}`" if result.parent_run else "")
+        + f". {len(sweep.trials)} finished trials analysed, {len(sweep.skipped)} runs skipped.",
+        f"Model sizes: {_join(sorted(trials['model_size'].unique(), key=cat.size_sort_key))}; "
+        f"register counts: {_join(sorted(trials['num_registers'].unique()))}; "
+        f"training lengths: {_join(sorted(trials['steps'].unique()))} steps; "
+        f"seeds per setting: {seeds.min()}" + (f" to {seeds.max()}" if seeds.max() != seeds.min() else "") + ".",
+        f"An artifact is a patch token the scale-free detector flags as a high-norm outlier "
+        f"(`{cat.OUTLIER_PREFIX}<location>`); artifacts are present where that fraction exceeds {thr:g}.",
+        "",
+        "## Findings",
+        "",
+        *_findings(result),
+        "",
+        "## Emergence of artifacts (trials without registers)",
+        "",
+        "Emergence step: the first probe step from which the output outlier fraction (mean over seeds) stays above "
+        f"{thr:g} for every later step. Emergence block: at the last probe step, the first block from which every "
+        "deeper block is above the threshold. `none`: it never does.",
+        "",
+        markdown_table(emergence) if not emergence.empty else "No trial without registers: nothing to map.",
+        "",
+        *_figure_links(result, lambda name: name.startswith("emergence")),
+        "## Effect of registers",
+        "",
+        f"Final value of each metric, mean and [95% t-interval] over seeds; `(n=1)`: one seed, interval undefined. "
+        f"Recommendation rule: {rec.rule}.",
+        "",
+    ]
+    for size, steps in _size_lengths(result.stats):
+        lines += [f"### {size}, {steps} training steps", "", markdown_table(metric_table(result.stats, size, steps)), ""]
+    if result.stats.empty:
+        lines += ["No register metrics were logged.", ""]
+    best = best_table(result)
+    lines += ["### Best register count per size and metric", "", markdown_table(best) if not best.empty else "none", ""]
+    lines += _figure_links(result, lambda name: name == "register_effect")
+    lines += ["## Norms and attention (probe artifacts)", ""]
+    lines += _figure_links(result, lambda name: name in ("norm_hist_output", "norm_distributions", "attention_maps"))
+    lines += ["## Caveats", ""] + [f"- {c}" for c in result.caveats or ["none"]] + [""]
+    skipped = skipped_table(result)
+    if not skipped.empty:
+        lines += ["### Skipped runs", "", markdown_table(skipped), ""]
+    return "\n".join(lines)
+
+
+def _findings(result: AnalysisResult) -> list[str]:
+    rec, thr = result.recommendation, result.threshold
+    lines: list[str] = []
+    emerged = result.sizes_with_artifacts
+    clean = sorted({p.model_size for p in result.emergence if p.status == "none"} - set(emerged), key=cat.size_sort_key)
+    if result.emergence:
+        lines.append(
+            f"- Artifacts (output outlier fraction above {thr:g}, staying above) appeared in: {_join(emerged)}. "
+            f"No artifacts in: {_join(clean)}."
+        )
+    for p in result.emergence:
+        if p.status == "emerged":
+            where = f"from block {p.block} on to the output" if p.block is not None else "at the output only"
+            lines.append(
+                f"- {p.model_size}, {p.steps} steps: artifacts emerged at step {p.step} ({p.fraction:.0%} of training) "
+                f"and stayed; at the last probe step they appear {where}. Final output outlier fraction "
+                f"{p.final_output_frac:.3g} ({p.n_seeds} seed{'s' if p.n_seeds != 1 else ''})."
+            )
+        elif p.status == "none":
+            lines.append(
+                f"- {p.model_size}, {p.steps} steps: no artifacts (final output outlier fraction {p.final_output_frac:.3g})."
+            )
+        else:
+            lines.append(f"- {p.model_size}, {p.steps} steps: no outlier-fraction metrics were logged.")
+    metric = cat.METRICS_BY_SHORT[rec.metric]
+    if rec.num_registers is not None:
+        per_size = ", ".join(f"{s}: {v if v is not None else 'none'}" for s, v in rec.per_size.items())
+        lines.append(f"- **Recommended number of registers: {rec.num_registers}** (by {metric.label}; per size: {per_size}).")
+    else:
+        lines.append("- **No register count can be recommended** by the rule below.")
+    if not rec.can_tell:
+        lines.append("- The sweep cannot tell the best register count with confidence: see the sentences below.")
+    lines += [f"- {sentence}" for sentence in rec.verdict]
+    for b in result.best:
+        if b.metric != rec.metric:
+            continue
+        lines.append(f"- Best {metric.label} for {b.model_size} ({b.steps} steps): {b.best} registers ({b.mean:.4g}).")
+    return lines
+
+
+def _size_lengths(stats: pd.DataFrame) -> list[tuple[str, int]]:
+    pairs = {(r.model_size, int(r.steps)) for r in stats.itertuples()}
+    return sorted(pairs, key=lambda p: (cat.size_sort_key(p[0]), p[1]))
+
+
+def _depth_title(name: str) -> str:
+    size = name.removeprefix("emergence_depth_")
+    return f"Outlier fraction by block and training step, {size}, no registers"
+
+
+def _figure_links(result: AnalysisResult, wanted) -> list[str]:
+    lines = []
+    for name, path in result.figures.items():
+        if wanted(name):
+            title = FIGURE_TITLES.get(name) or _depth_title(name)
+            rel = path.relative_to(result.out_dir).as_posix()
+            lines += [f"![{title}]({rel})", ""]
+    return lines
