@@ -142,4 +142,4 @@ def test_single_seed_sweep_says_it_cannot_tell(tmp_path: Path):
     assert "one seed per setting" in report.lower()
     assert result.recommendation.can_tell is False
     assert "(n=1)" in report  # intervals shown as undefined, not as zero width
-    assert "no trial has probe artifacts" in report  # missing artifacts are reported, not a crash
+    assert "No trial has probe artifacts" in report  # missing artifacts are reported, not a crash

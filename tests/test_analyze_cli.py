@@ -83,7 +83,7 @@ def test_trials_without_probe_metrics_or_artifacts_still_get_a_report(tmp_path: 
     assert "no outlier-fraction metrics were logged" in report
     assert "No trial logged probe/seg_miou" in report
     assert "falls back to top1" in report
-    assert "no trial has probe artifacts" in report
+    assert "No trial has probe artifacts" in report
 
 
 def test_first_sustained_crossing_requires_staying_above():

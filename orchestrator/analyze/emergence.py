@@ -131,15 +131,16 @@ def emergence_table(points: list[EmergencePoint]) -> pd.DataFrame:
     """The table written to CSV and Markdown; 'none' where artifacts never emerged."""
     rows = []
     for p in points:
+        absent = "n/a" if p.status == "missing" else "none"
         rows.append(
             {
                 "model_size": p.model_size,
                 "steps": p.steps,
                 "seeds": p.n_seeds,
                 "artifacts": {"emerged": "yes", "none": "no", "missing": "no data"}[p.status],
-                "emergence_step": p.step if p.step is not None else "none",
-                "emergence_fraction": f"{p.fraction:g}" if p.fraction is not None else "none",
-                "emergence_block": p.block if p.block is not None else "none",
+                "emergence_step": p.step if p.step is not None else absent,
+                "emergence_fraction": f"{p.fraction:g}" if p.fraction is not None else absent,
+                "emergence_block": p.block if p.block is not None else absent,
                 "final_output_outlier_frac": round(p.final_output_frac, 4) if p.final_output_frac is not None else np.nan,
             }
         )

@@ -39,6 +39,7 @@ class Trial:
     steps: int  # training length
     seed: str
     artifact_uri: str | None
+    other_axes: tuple[tuple[str, str], ...] = ()  # further swept keys (e.g. axis.optim.lr), pooled by the analysis
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,11 @@ def _dedupe_points(frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- which runs count
 
 
+# The sweep driver also tags every swept key by its config path (axis.model.size, ...): those
+# repeat the study axes; any other axis.* tag is a further swept key.
+_STUDY_AXES = (cat.AXIS_SIZE, cat.AXIS_REGISTERS, cat.AXIS_STEPS, cat.AXIS_SEED, "axis.model.size", "axis.model.num_registers")
+
+
 def _axis(run: _RawRun, tag: str) -> str | None:
     value = run.tags.get(tag)
     return value if value not in (None, "") else run.params.get(cat.AXIS_PARAM_FALLBACK[tag])
@@ -257,7 +263,7 @@ def _axis(run: _RawRun, tag: str) -> str | None:
 
 def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[str]]:
     """Finished trials with readable axes; everything else is skipped with a reason."""
-    kept: dict[tuple[str, int, int, str], tuple[_RawRun, Trial]] = {}
+    kept: dict[tuple, tuple[_RawRun, Trial]] = {}
     skipped: list[SkippedRun] = []
     dropped: list[str] = []
     for run in sorted(runs, key=lambda r: r.start_time):
@@ -271,12 +277,13 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         try:
             if size is None:
                 raise ValueError("model size")
-            trial = Trial(run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri)
+            other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith("axis.") and k not in _STUDY_AXES))
+            trial = Trial(run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other)
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes))
             continue
-        setting = (trial.model_size, trial.num_registers, trial.steps, trial.seed)
+        setting = (trial.model_size, trial.num_registers, trial.steps, trial.seed, trial.other_axes)
         if setting in kept:  # a later launch re-ran the same setting and seed: keep the newest
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)

@@ -117,8 +117,18 @@ def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
             f"replaced by it: {', '.join(r[:8] for r in sweep.duplicates_dropped[:10])}."
         )
     trials = sweep.trials_frame()
-    if trials["seed"].nunique() < 2:
+    other = {k for axes in trials["other_axes"] for k, _ in axes}
+    varied = sorted(k for k in other if len({dict(a).get(k) for a in trials["other_axes"]}) > 1)
+    if varied:
+        caveats.append(
+            f"Other swept keys ({', '.join(varied)}) are pooled with the seeds: means and intervals mix their values."
+        )
+    seeds = trials.groupby(["model_size", "num_registers", "steps"])["seed"].nunique()
+    if seeds.max() < 2:
         caveats.append("One seed per setting: no confidence intervals, so the sweep cannot tell close results apart.")
+    elif seeds.min() < 2:
+        single = ", ".join(f"{s} r{r} {n} steps" for (s, r, n) in seeds[seeds < 2].index[:8])
+        caveats.append(f"Some settings have one seed only ({single}): their intervals are undefined.")
     if (trials["num_registers"] == 0).sum() == 0:
         caveats.append("No trial without registers: the emergence of artifacts cannot be mapped.")
     if trials["num_registers"].nunique() < 2:

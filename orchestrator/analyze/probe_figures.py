@@ -38,24 +38,24 @@ def probe_figures(
         reader, trials, registers=None, size=base.model_size if base else None, prefer_registers=prefer_registers
     )
     if base is None and regs is None:
-        notes.append("no trial has probe artifacts (probes/step_*/): the norm and attention figures are missing.")
+        notes.append("No trial has probe artifacts (probes/step_*/): the norm and attention figures are missing.")
         return figures, notes
     base_norms = reader.latest(base.run_id, names.NORMS_FILE) if base else None
     reg_norms = reader.latest(regs.run_id, names.NORMS_FILE) if regs else None
     if base_norms or reg_norms:
         figures["norm_hist_output"] = _norm_hist(base, base_norms, regs, reg_norms, out_dir / "norm_hist_output.png")
     else:
-        notes.append(f"no {names.NORMS_FILE} found: the norm histogram figures are missing.")
+        notes.append(f"No {names.NORMS_FILE} found: the norm histogram figures are missing.")
     if base is not None and base_norms is not None:
         figures["norm_distributions"] = _norm_distributions(reader, trials, base, base_norms, out_dir / "norm_distributions.png")
     elif base is None:
-        notes.append("no trial without registers has probe artifacts: Fig. 4 (norms by block/step/size) is missing.")
+        notes.append("No trial without registers has probe artifacts: Fig. 4 (norms by block/step/size) is missing.")
     base_attn = reader.latest(base.run_id, names.ATTENTION_FILE) if base else None
     reg_attn = reader.latest(regs.run_id, names.ATTENTION_FILE) if regs else None
     if base_attn or reg_attn:
         figures["attention_maps"] = _attention(base, base_attn, regs, reg_attn, out_dir / "attention_maps.png")
     else:
-        notes.append(f"no {names.ATTENTION_FILE} found: the attention map figure is missing.")
+        notes.append(f"No {names.ATTENTION_FILE} found: the attention map figure is missing.")
     return figures, notes
 
 

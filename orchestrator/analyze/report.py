@@ -164,7 +164,10 @@ def _findings(result: AnalysisResult) -> list[str]:
     lines: list[str] = []
     emerged = result.sizes_with_artifacts
     clean = sorted({p.model_size for p in result.emergence if p.status == "none"} - set(emerged), key=cat.size_sort_key)
-    if result.emergence:
+    judged = [p for p in result.emergence if p.status != "missing"]
+    if result.emergence and not judged:
+        lines.append("- No trial without registers logged outlier fractions: the emergence of artifacts cannot be judged.")
+    elif judged:
         lines.append(
             f"- Artifacts (output outlier fraction above {thr:g}, staying above) appeared in: {_join(emerged)}. "
             f"No artifacts in: {_join(clean)}."
