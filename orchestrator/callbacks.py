@@ -1,8 +1,14 @@
 """Driver-side Tune callback: the MLflow bookkeeping a trial cannot do for itself.
 
-A worker killed with SIGKILL or a preempted node cannot close its run; when Tune gives
-up on such a trial (retries exhausted) this marks its run FAILED with the reason, and
-when a trial completes it records where the final checkpoint lives.
+A worker killed with SIGKILL or a preempted node cannot close its run. In Ray 2.60 the
+controller calls `on_trial_recover` when it will retry a failed trial (from its last
+checkpoint, in the same MLflow run) and `on_trial_error` only once it gives up
+(`_process_trial_failure` in ray/tune/execution/tune_controller.py). So a retry only
+counts up the run's `retries` tag, and only a final error marks the run FAILED with the
+reason. When a trial completes, this records where its final checkpoint lives.
+
+The callback is pickled into the Tuner's state and comes back on `Tuner.restore`, so it
+holds no client across pickling.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from orchestrator.tracking import CHECKPOINT_TAG, FAILURE_TAG, find_trial_run
+from orchestrator.tracking import CHECKPOINT_TAG, FAILURE_TAG, RETRIES_TAG, find_trial_run
 
 
 def checkpoint_uri(trial: Trial) -> str | None:
@@ -48,14 +54,26 @@ class MlflowTrialBookkeeping(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
     def _run_id(self, trial: Trial) -> str | None:
         return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_id = self._run_id(trial)
         uri = checkpoint_uri(trial)
-        if run_id and uri:
+        # First completion wins: a trial that finished just before a driver crash is
+        # reported again on resume, possibly with an older checkpoint from Tune's state.
+        if run_id and uri and CHECKPOINT_TAG not in self.client.get_run(run_id).data.tags:
             self.client.set_tag(run_id, CHECKPOINT_TAG, uri)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        if run_id is None:  # it failed before opening its run; the retry opens it
+            return
+        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES_TAG, "0"))
+        self.client.set_tag(run_id, RETRIES_TAG, str(retries + 1))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.failed.append(trial.trial_id)

@@ -5,6 +5,14 @@ there (sweep_launch.json) names its MLflow parent run and whether it finished. R
 the same command again finds the record: an unfinished launch is restored (finished
 trials are not re-run, each trial keeps its one MLflow run); a finished one is reported
 and left alone.
+
+What a resume does (checked against Ray 2.60): Tune's experiment state, saved at most
+every ~10 s, brings back the trials with their ids, statuses and last checkpoints; the
+Tuner's pickled state brings back the searcher, scheduler and our callback. Trials that
+were running restart from their last checkpoint and reattach to their MLflow run by the
+trial id tag (metrics already in the store are not written twice). A trial that finished
+after the last state save restarts, finds its run FINISHED and only reports its result
+again. Errored trials stay errored.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.callbacks import MlflowTrialBookkeeping
 from orchestrator.tracking import (
+    FAILURE_TAG,
     LAUNCH_TAG,
     ROLE_TAG,
     SWEEP_TAG,
@@ -130,6 +140,20 @@ def close_orphans(client: MlflowClient, experiment_id: str, parent_run_id: str) 
     return len(orphans)
 
 
+def abandon_launch(client: MlflowClient, record: LaunchRecord) -> None:
+    """An interrupted launch: its parent and unfinished trial runs become KILLED (the record stays
+    'running', so the same command resumes it and sets them RUNNING again)."""
+    close_orphans(client, record.experiment_id, record.parent_run_id)
+    client.set_terminated(record.parent_run_id, status="KILLED")
+
+
+def report_failures(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+    failed = [r for r in child_runs(client, experiment_id, parent_run_id) if r.info.status == "FAILED"]
+    for run in sorted(failed, key=lambda r: r.info.run_name or ""):
+        reason = run.data.tags.get(FAILURE_TAG, "no reason recorded")
+        print(f"Trial {run.info.run_name} failed (MLflow run {run.info.run_id}): {reason}", file=sys.stderr)
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
     import ray
@@ -229,6 +253,10 @@ def run_sweep(
         closed = close_orphans(client, experiment_id, parent_run_id)
         print(f"Resuming launch {name!r} from {path} (parent run {parent_run_id}; {closed} interrupted trial runs)")
     else:
+        if record is not None:
+            # Killed before Tune saved anything to restore from: close the old runs, start over.
+            abandon_launch(client, record)
+            print(f"Launch {name!r} in {path} had no Tune state to restore; starting it again")
         experiment_id = get_or_create_experiment(client, spec.experiment_name)
         parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text)
         record = LaunchRecord(parent_run_id, experiment_id, digest, "running")
@@ -241,17 +269,26 @@ def run_sweep(
         tuner = tune.Tuner.restore(
             path,
             trainable=tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+            # Errored trials already used up their max_failures retries (or diverged):
+            # their FAILED runs are results, like finished trials, and are not re-run.
             resume_unfinished=True,
-            resume_errored=True,
+            resume_errored=False,
         )
     else:
         tuner = build_tuner(spec, plan, context, callback, name)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        client.set_terminated(parent_run_id, status="KILLED")
+        abandon_launch(client, record)
         raise
+    if results.num_terminated + results.num_errors < len(results):
+        # Tune turns the first Ctrl+C into a normal return with unfinished trials.
+        abandon_launch(client, record)
+        print(f"\nSweep interrupted; run the same command again to resume launch {name!r} from {path}", file=sys.stderr)
+        raise SystemExit(130)
+    close_orphans(client, experiment_id, parent_run_id)  # Tune is done with every trial
     errored = sum(1 for result in results if result.error is not None)
+    report_failures(client, experiment_id, parent_run_id)
     client.set_tag(parent_run_id, "trials.errored", str(errored))
     client.set_tag(parent_run_id, "trials.total", str(len(results)))
     client.set_terminated(parent_run_id, status="FINISHED")

@@ -27,6 +27,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 FAILURE_TAG = "failure_reason"
 CHECKPOINT_TAG = "checkpoint_uri"
+RETRIES_TAG = "retries"  # how many times Tune restarted the trial from its last checkpoint
 AXIS_PREFIX = "axis."
 DIVERGED_PREFIX = "non-finite loss"
 
@@ -86,9 +87,25 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 class TrialRun:
     """The MLflow run of one Tune trial; implements trainers.tracking.Tracker."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        *,
+        status: str = "RUNNING",
+        tags: Mapping[str, str] | None = None,
+        logged_through: Mapping[str, int] | None = None,
+        reattached: bool = False,
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.status = status  # as found when attaching: FINISHED means a past attempt completed the trial
+        self.tags = dict(tags or {})
+        self.reattached = reattached  # an earlier attempt (retry, resumed sweep) opened this run
+        # Last step already in the store, per metric key. A crash between writing metrics
+        # and persisting the checkpoint makes the retry measure those steps again; they
+        # are dropped here so that each (key, step) is written once.
+        self._logged_through = dict(logged_through or {})
         self._pending: list[Metric] = []
 
     @classmethod
@@ -103,19 +120,30 @@ class TrialRun:
         tags: Mapping[str, str],
         params: Mapping[str, Any],
     ) -> "TrialRun":
-        """Reattach to this trial's run if it has one, else create it (exactly one per trial)."""
+        """Reattach to this trial's run if it has one, else create it (exactly one per trial).
+
+        A reattached run keeps its status until `resume()`: the caller first decides
+        whether there is anything left to do (a finished or diverged trial).
+        """
         run_id = find_trial_run(client, experiment_id, parent_run_id, trial_id)
         if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            return cls(client, run_id)
+            run = client.get_run(run_id)
+            logged = {metric.key: int(metric.step) for metric in run.data._metric_objs}
+            return cls(
+                client, run_id, status=run.info.status, tags=run.data.tags, logged_through=logged, reattached=True
+            )
         all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial"}
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
-        return cls(client, run.info.run_id)
+        return cls(client, run.info.run_id, tags=all_tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        self._pending.extend(
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if step > self._logged_through.get(key, -1)
+        )
 
     def log_files(self, files: Mapping[str, bytes], artifact_dir: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,13 +163,23 @@ class TrialRun:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def latest_metrics(self) -> dict[str, float]:
+        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+        self.status = status
+
+    def resume(self) -> None:
+        """Mark a reattached run RUNNING again (a retry or a resumed sweep continues it)."""
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.status = "RUNNING"
 
     def failure_reason(self) -> str | None:
-        return self.client.get_run(self.run_id).data.tags.get(FAILURE_TAG)
+        return self.tags.get(FAILURE_TAG)
 
 
 def _param_value(value: Any) -> str:

@@ -1,13 +1,16 @@
 """The Ray Tune trainable: a thin adapter between Tune's config dict and trainers/.
 
 It builds the typed TrainConfig, reattaches to (or opens) the trial's one MLflow run,
-restores the checkpoint Tune hands back after a failure, runs the loop, and reports
-to Tune at every checkpoint point.
+restores the checkpoint Tune hands back after a failure or a resumed sweep, runs the
+loop, and reports to Tune at every checkpoint point. A diverged trial marks its run
+FAILED with the reason; Tune's retries of it stop at once.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -18,6 +21,7 @@ from ray import tune
 from orchestrator.tracking import DIVERGED_PREFIX, FAILURE_TAG, TrialRun, flatten
 from trainers.config import TrainConfig
 from trainers.loop import NonFiniteLossError, Trainer
+from trainers.probes import names
 
 # Tune config layout, written by orchestrator/launch.py:
 #   {"train": <base TrainConfig as a dict>, "trial": {"index": i, "axes": {dotted.path: value}},
@@ -32,6 +36,13 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     git_commit: str
+
+
+# Where the current attempt runs (to find it on a cluster) and the step its checkpoint
+# restored, if any: what a retry or a resumed sweep continued from.
+WORKER_PID_TAG = "worker.pid"
+WORKER_HOST_TAG = "worker.host"
+RESTORED_TAG = "restored_from_step"
 
 
 class TrialDivergedError(RuntimeError):
@@ -77,6 +88,11 @@ def trial_label(axes: Mapping[str, Any], index: int) -> str:
     return "-".join(parts)
 
 
+def report_finished(run: TrialRun, steps: int) -> None:
+    latest = run.latest_metrics()
+    tune.report({key: latest[key] for key in (names.VAL_LOSS, names.VAL_TOP1) if key in latest} | {"step": steps})
+
+
 def run_trial(config: dict[str, Any]) -> None:
     sweep = SweepContext(**config["sweep"])
     index, axes = config["trial"]["index"], config["trial"]["axes"]
@@ -91,20 +107,31 @@ def run_trial(config: dict[str, Any]) -> None:
         tags={**axis_tags(cfg, axes), "git_commit": sweep.git_commit, "trial_name": context.get_trial_name()},
         params=flatten(cfg.model_dump()),
     )
+    if run.status == "FINISHED":
+        # An earlier attempt completed the trial, but the driver was killed before Tune's
+        # experiment state recorded it: report its result again instead of re-training.
+        report_finished(run, cfg.steps)
+        return
     reason = run.failure_reason()
     if reason and reason.startswith(DIVERGED_PREFIX):
-        run.finish("FAILED")
+        # Retrying from the last checkpoint would hit the same non-finite loss.
         raise TrialDivergedError(reason)
+    if run.reattached:
+        run.resume()
+
+    run.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
 
     trainer = Trainer(cfg)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
+        run.set_tags({RESTORED_TAG: str(trainer.step)})
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
-        # Flush before the checkpoint is persisted: a crash in between repeats a few
-        # steps on retry rather than losing them.
+        # Flush before the checkpoint is persisted: a crash in between makes the retry
+        # measure those steps again (TrialRun drops the ones already stored) rather
+        # than lose them.
         run.flush()
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)

@@ -1,0 +1,153 @@
+"""Trial failures: a killed worker is retried in the same MLflow run from its last
+checkpoint; a diverging trial ends FAILED with the reason and the sweep goes on."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from crash_helpers import (
+    expected_steps,
+    output,
+    parent_runs,
+    process_table,
+    start_sweep_cli,
+    store_client,
+    train_loss_steps,
+    trial_runs,
+    wait_for_store,
+)
+from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.tracking import TrialRun, get_or_create_experiment
+from sweep_helpers import tiny_spec, write_spec
+from trainers.probes import names
+
+STEPS, LOG_EVERY, EVAL_EVERY = 60, 5, 10
+GOOD_LR, DIVERGING_LR = 1.0e-3, 1.0e4  # 1e4 really makes the loss non-finite within a few steps
+
+
+# ------------------------------------------------------------------ units, fast
+
+
+def open_trial_run(client: Any, experiment_id: str, trial_id: str = "t1") -> TrialRun:
+    return TrialRun.attach(
+        client, experiment_id=experiment_id, parent_run_id="parent", trial_id=trial_id,
+        run_name=trial_id, tags={}, params={"optim.lr": 1e-3},
+    )
+
+
+def test_reattached_run_writes_each_step_once(tmp_path: Path) -> None:
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    first = open_trial_run(client, experiment_id)
+    for step in (5, 10):
+        first.log_metrics({names.TRAIN_LOSS: 1.0 / step}, step)
+    first.flush()  # ... and the worker dies before its checkpoint at step 10 is persisted
+
+    retry = open_trial_run(client, experiment_id)  # resumes from the checkpoint at step 5
+    assert retry.run_id == first.run_id and retry.reattached and retry.status == "RUNNING"
+    for step in (10, 15):
+        retry.log_metrics({names.TRAIN_LOSS: 1.0 / step}, step)
+    retry.finish()
+    assert train_loss_steps(client, first.run_id) == [5, 10, 15]
+    assert open_trial_run(client, experiment_id).status == "FINISHED"
+    assert open_trial_run(client, experiment_id, "t2").run_id != first.run_id
+
+
+def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    run = open_trial_run(client, experiment_id)
+    callback = MlflowTrialBookkeeping(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent")
+    trial = SimpleNamespace(trial_id="t1", checkpoint=None, get_error=lambda: "Traceback\nRayActorError: worker died")
+
+    callback.on_trial_recover(0, [], trial)
+    callback.on_trial_recover(0, [], trial)
+    state = client.get_run(run.run_id)
+    assert state.info.status == "RUNNING" and state.data.tags["retries"] == "2"
+    assert "failure_reason" not in state.data.tags
+
+    callback = pickle.loads(pickle.dumps(callback))  # as Tuner.restore brings it back
+    callback.on_trial_error(0, [], trial)
+    state = client.get_run(run.run_id)
+    assert state.info.status == "FAILED"
+    assert state.data.tags["failure_reason"] == "RayActorError: worker died"
+
+
+# ------------------------------------------------------- a real sweep, slow
+
+
+def failing_spec(tmp_path: Path) -> dict[str, Any]:
+    spec = tiny_spec(tmp_path, name="failures", max_concurrent=2, max_failures=1)
+    spec["train"].update(steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
+    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    spec["grid"] = {"optim.lr": [GOOD_LR, DIVERGING_LR]}
+    return spec
+
+
+def is_lr(run: Any, lr: float) -> bool:
+    return float(run.data.params["optim.lr"]) == lr
+
+
+def healthy_trial_mid_way(client: Any) -> Any:
+    for run in trial_runs(client, "failures"):
+        if is_lr(run, GOOD_LR) and run.info.status == "RUNNING" and "worker.pid" in run.data.tags:
+            logged = len(train_loss_steps(client, run.info.run_id))
+            if 2 * EVAL_EVERY // LOG_EVERY <= logged < STEPS // LOG_EVERY:
+                return run
+    return None
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    tmp_path = tmp_path_factory.mktemp("failures")
+    sweep = start_sweep_cli(tmp_path, str(write_spec(tmp_path, failing_spec(tmp_path))))
+    victim = wait_for_store(tmp_path, sweep, healthy_trial_mid_way)
+    pid = int(victim.data.tags["worker.pid"])
+    command = process_table()[pid][1]
+    assert command.startswith("ray::"), f"worker.pid {pid} is not a Ray worker: {command!r}"
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
+    killed_at = train_loss_steps(store_client(tmp_path), victim.info.run_id)
+    returncode = sweep.wait(timeout=300)
+    return SimpleNamespace(
+        tmp_path=tmp_path, returncode=returncode, text=output(tmp_path), client=store_client(tmp_path),
+        victim=victim, killed_pid=pid, killed_at=killed_at,
+    )
+
+
+@pytest.mark.slow
+def test_killed_worker_retries_in_the_same_run(failed_sweep: SimpleNamespace) -> None:
+    client = failed_sweep.client
+    runs = trial_runs(client, "failures")
+    assert len(runs) == 2, [r.info.run_name for r in runs]
+    (healthy,) = [r for r in runs if is_lr(r, GOOD_LR)]
+    assert healthy.info.run_id == failed_sweep.victim.info.run_id
+    assert healthy.info.status == "FINISHED", failed_sweep.text[-3000:]
+    tags = healthy.data.tags
+    assert tags["retries"] == "1" and "failure_reason" not in tags
+    assert int(tags["worker.pid"]) != failed_sweep.killed_pid
+    restored = int(tags["restored_from_step"])
+    assert 0 < restored <= failed_sweep.killed_at[-1] and restored % EVAL_EVERY == 0
+    assert train_loss_steps(client, healthy.info.run_id) == expected_steps(LOG_EVERY, STEPS)
+    val_steps = [m.step for m in client.get_metric_history(healthy.info.run_id, names.VAL_TOP1)]
+    assert val_steps == expected_steps(EVAL_EVERY, STEPS)
+
+
+@pytest.mark.slow
+def test_diverging_trial_fails_with_reason_and_sweep_goes_on(failed_sweep: SimpleNamespace) -> None:
+    assert failed_sweep.returncode == 1, failed_sweep.text[-3000:]
+    runs = trial_runs(failed_sweep.client, "failures")
+    (diverged,) = [r for r in runs if is_lr(r, DIVERGING_LR)]
+    assert diverged.info.status == "FAILED"
+    reason = diverged.data.tags["failure_reason"]
+    assert reason.startswith("non-finite loss: loss became non-finite at step"), reason
+    assert "2 trials, 1 failed" in failed_sweep.text
+    assert f"Trial {diverged.info.run_name} failed" in failed_sweep.text and reason in failed_sweep.text
+    (parent,) = parent_runs(failed_sweep.client, "failures")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials.errored"] == "1"
