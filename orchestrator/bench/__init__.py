@@ -1,0 +1,9 @@
+"""Benchmarks: `python -m orchestrator.bench {trainer,overhead} [--json]`.
+
+trainer   images/s of our Trainer against a plain timm + AdamW + DataLoader loop, MFU on a GPU,
+          and optionally K concurrent copies on one GPU (packing small models).
+overhead  wall time of N short trainings through `orchestrator.sweep` (Ray Tune + MLflow)
+          against the same trainings in a bare process pool, with a breakdown of the difference.
+
+Figures and how they were measured: docs/performance.md.
+"""

@@ -1,0 +1,77 @@
+"""`python -m orchestrator.bench {trainer,overhead} [--json] [options]`
+
+trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
+overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
+
+With --json the last line of stdout is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.bench", description=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="bench", required=True)
+
+    trainer = sub.add_parser("trainer", help="trainer throughput against a plain loop")
+    trainer.add_argument("--size", help="model size (micro, mini, tiny, small, base, ...)")
+    trainer.add_argument("--img", type=int, help="image size in pixels")
+    trainer.add_argument("--patch", type=int, help="patch size in pixels")
+    trainer.add_argument("--registers", type=int, help="number of register tokens")
+    trainer.add_argument("--batch", type=int, help="batch size")
+    trainer.add_argument("--steps", type=int, help="timed steps")
+    trainer.add_argument("--warmup", type=int, help="untimed steps first (compilation, autotuning)")
+    trainer.add_argument("--compile", action="store_true", default=None, help="torch.compile our model")
+    trainer.add_argument("--copies", type=int, help="also run K copies of our trainer at once on one GPU")
+    trainer.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
+    trainer.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    overhead = sub.add_parser("overhead", help="sweep wall time against bare trainings")
+    overhead.add_argument("--trials", type=int, default=8, help="number of identical trainings")
+    overhead.add_argument("--seconds", type=float, default=15.0, help="target length of one training")
+    overhead.add_argument("--steps", type=int, help="training steps (default: calibrated to --seconds)")
+    overhead.add_argument("--parallel", type=int, help="trainings at a time (default: one per CPU core)")
+    overhead.add_argument("--profile", action="store_true", help="also time imports and Ray start-up alone")
+    overhead.add_argument("--keep", action="store_true", help="keep the temporary sweep folder and print it")
+    overhead.add_argument("--json", action="store_true", help="end with one JSON line")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result: dict[str, Any]
+    if args.bench == "trainer":
+        from orchestrator.bench.devices import bench_device
+        from orchestrator.bench.trainer import (
+            TrainerBenchSettings, format_trainer_result, run_trainer_bench, with_overrides,
+        )
+
+        device = bench_device(args.device)
+        settings = with_overrides(
+            TrainerBenchSettings.defaults(device),
+            size=args.size, img=args.img, patch=args.patch, registers=args.registers, batch=args.batch,
+            steps=args.steps, warmup=args.warmup, compile=args.compile, copies=args.copies,
+        )
+        result = run_trainer_bench(settings, device)
+        print(format_trainer_result(result))
+    else:
+        from orchestrator.bench.overhead import OverheadSettings, format_overhead_result, run_overhead_bench
+
+        settings_o = OverheadSettings(
+            trials=args.trials, seconds=args.seconds, steps=args.steps, parallel=args.parallel,
+            profile=args.profile, keep=args.keep,
+        )
+        result = run_overhead_bench(settings_o)
+        print(format_overhead_result(result))
+    if args.json:
+        print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Where a finished sweep's wall time went, read back from its MLflow runs.
+
+The parent run is created once the driver has imported everything and passed preflight;
+each trial's run is created when its worker has started, imported the trainer and
+attached to MLflow, and is closed when the trial has trained, logged and checkpointed.
+So the run timestamps cut the sweep's wall time into start-up, trials, gaps between
+trials on one slot (worker start-up again, or actor reuse) and shut-down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import PARENT_TAG, ROLE_TAG
+from trainers.probes import names
+
+
+def slot_gaps(spans: list[tuple[float, float]]) -> list[float]:
+    """Idle time between one trial ending and the next starting on the same slot.
+
+    Each trial takes the slot that freed up most recently before it started (greedy);
+    a trial that finds no free slot opens a new one and has no gap.
+    """
+    free_at: list[float] = []
+    gaps: list[float] = []
+    for start, end in sorted(spans):
+        ready = [i for i, t in enumerate(free_at) if t <= start]
+        if ready:
+            slot = max(ready, key=lambda i: free_at[i])
+            gaps.append(start - free_at[slot])
+            free_at[slot] = end
+        else:
+            free_at.append(end)
+    return gaps
+
+
+def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float, parallel: int) -> dict[str, Any]:
+    """Phases of one sweep launch in seconds; start and end are the CLI's wall-clock bounds."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RuntimeError(f"no MLflow experiment {experiment!r} in {tracking_uri}: the sweep logged nothing")
+    runs = client.search_runs([exp.experiment_id], max_results=10_000)
+    parent = next(r for r in runs if r.data.tags.get(ROLE_TAG) == "parent")
+    trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    spans = [(r.info.start_time / 1000, r.info.end_time / 1000) for r in trials if r.info.end_time]
+    if not spans:
+        raise RuntimeError(f"the sweep in {tracking_uri} has no finished trial runs")
+    gaps = slot_gaps(spans)
+    probes = [r.data.metrics[names.PROBE_SECONDS] for r in trials if names.PROBE_SECONDS in r.data.metrics]
+    parent_start = parent.info.start_time / 1000
+    return {
+        "driver_start_s": parent_start - start,
+        "to_first_trial_s": min(s for s, _ in spans) - parent_start,
+        "trial_s_mean": sum(e - s for s, e in spans) / len(spans),
+        "gap_s_mean": sum(gaps) / len(gaps) if gaps else 0.0,
+        "gaps": len(gaps),
+        "after_last_trial_s": end - max(e for _, e in spans),
+        "probe_s_mean": sum(probes) / len(probes) if probes else None,
+        "trial_runs": len(trials),
+        "slots": parallel,
+    }

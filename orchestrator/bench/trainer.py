@@ -1,0 +1,235 @@
+"""Trainer throughput: our Trainer against a plain PyTorch loop on the same model and data.
+
+Both train the same timm ViT (trainers.model.build_model) on the same 'shapes' images.
+Ours: Trainer.train_step on batches rendered on the device (bf16 autocast and fused AdamW
+on CUDA, torch.compile with --compile). Plain: torch AdamW, fp32, eager, the images
+materialised once as a TensorDataset behind a DataLoader and copied to the device per
+step. Warmup steps are excluded, and CUDA is synchronised before every clock read.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.bench.devices import bench_device, device_name, mfu, peak_flops, synchronize
+from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from trainers.model import build_model, train_flops_per_image
+
+NUM_CLASSES = 8
+MATERIALISED_BATCHES = 4  # the plain loop cycles over this many distinct batches
+
+
+@dataclass(frozen=True)
+class TrainerBenchSettings:
+    size: str
+    img: int
+    patch: int
+    registers: int
+    batch: int
+    steps: int
+    warmup: int
+    compile: bool = False
+    copies: int = 1  # >1: also run this many copies of our trainer at once on the one device
+
+    @classmethod
+    def defaults(cls, device: torch.device) -> "TrainerBenchSettings":
+        if device.type == "cuda":
+            return cls(size="base", img=224, patch=16, registers=0, batch=256, steps=30, warmup=10)
+        # About 30 s for both loops on 2 CPU cores.
+        return cls(size="micro", img=32, patch=4, registers=4, batch=64, steps=30, warmup=5)
+
+
+def train_config(s: TrainerBenchSettings) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(size=s.size, img_size=s.img, patch_size=s.patch, num_registers=s.registers),
+        data=DataConfig(
+            name="shapes", num_classes=NUM_CLASSES, train_size=max(4096, s.batch * MATERIALISED_BATCHES), val_size=s.batch
+        ),
+        optim=OptimConfig(batch_size=s.batch, warmup_steps=0),
+        probe=ProbeConfig(every=0, at_end=False),
+        steps=s.warmup + s.steps,
+        compile=s.compile,
+    )
+
+
+def _images_per_second(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else float("nan")
+
+
+def trainer_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Images/s of Trainer.train_step, batches rendered on the device as in Trainer.fit."""
+    from trainers.loop import Trainer
+
+    trainer = Trainer(cfg, device)
+    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
+    for _ in range(warmup):  # also pays for torch.compile and cuDNN/cuBLAS autotuning
+        trainer.train_step(next(batches))
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(batches))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del trainer, batches
+    _release(device)
+    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+
+
+def materialise(cfg: TrainConfig, count: int) -> torch.utils.data.TensorDataset:
+    """`count` training images of the same 'shapes' data, rendered once on the CPU."""
+    from trainers.data import build_data
+
+    source = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=torch.device("cpu"))
+    batches = source.train_batches(0, cfg.optim.batch_size)
+    parts = [next(batches) for _ in range(max(1, count // cfg.optim.batch_size))]
+    return torch.utils.data.TensorDataset(torch.cat([b.images for b in parts]), torch.cat([b.labels for b in parts]))
+
+
+def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Images/s of the plain loop: timm model, torch AdamW, fp32, eager, DataLoader."""
+    torch.manual_seed(cfg.seed)
+    dataset = materialise(cfg, cfg.optim.batch_size * MATERIALISED_BATCHES)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True)
+    model = build_model(cfg.model, NUM_CLASSES).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    def forever() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from loader
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    data = forever()
+    for _ in range(warmup):
+        step(*next(data))
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*next(data))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del model, optimizer, data, loader, dataset
+    _release(device)
+    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------- packing several trials on one GPU
+
+
+def _packed_copy(cfg_json: str, device: str, steps: int, warmup: int, barrier: Any, results: Any) -> None:
+    """One of K concurrent copies: warm up, wait for the others, then time `steps` steps."""
+    from trainers.loop import Trainer
+
+    cfg = TrainConfig.model_validate_json(cfg_json)
+    dev = torch.device(device)
+    trainer = Trainer(cfg, dev)
+    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    synchronize(dev)
+    barrier.wait()
+    start = time.time()  # wall clock: comparable across processes
+    for _ in range(steps):
+        trainer.train_step(next(batches))
+    synchronize(dev)
+    results.put((start, time.time(), steps * cfg.optim.batch_size))
+
+
+def packed_throughput(cfg: TrainConfig, device: torch.device, copies: int, steps: int, warmup: int) -> dict[str, Any]:
+    """Aggregate images/s of `copies` trainer processes sharing one GPU (as fractional-GPU trials do)."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    barrier, results = ctx.Barrier(copies), ctx.Queue()
+    procs = [
+        ctx.Process(target=_packed_copy, args=(cfg.model_dump_json(), str(device), steps, warmup, barrier, results))
+        for _ in range(copies)
+    ]
+    for proc in procs:
+        proc.start()
+    rows = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    start, end = min(r[0] for r in rows), max(r[1] for r in rows)
+    return {"copies": copies, "aggregate_imgs_per_s": _images_per_second(sum(r[2] for r in rows), end - start)}
+
+
+# ----------------------------------------------------------------- the benchmark
+
+
+def run_trainer_bench(settings: TrainerBenchSettings, device: torch.device | None = None) -> dict[str, Any]:
+    device = device or bench_device()
+    cfg = train_config(settings)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    ours = trainer_throughput(cfg, device, settings.steps, settings.warmup)
+    plain = baseline_throughput(cfg, device, settings.steps, settings.warmup)
+    flops = train_flops_per_image(cfg.model, NUM_CLASSES)
+    peak = peak_flops(device)
+    result: dict[str, Any] = {
+        "benchmark": "trainer",
+        "device": device_name(device),
+        "config": {**asdict(settings), "precision": "bf16" if device.type == "cuda" else "fp32"},
+        "imgs_per_s": ours,
+        "baseline_imgs_per_s": plain,
+        "speedup": ours / plain,
+        "train_flops_per_image": flops,
+        "peak_flops": peak,
+        "mfu": mfu(flops, ours, peak),
+        "baseline_mfu": mfu(flops, plain, peak),
+    }
+    if settings.copies > 1:
+        if device.type != "cuda":
+            result["packing"] = {"copies": settings.copies, "skipped": "no GPU: packing trials is a GPU question"}
+        else:
+            packed = packed_throughput(cfg, device, settings.copies, settings.steps, settings.warmup)
+            packed["vs_one_per_gpu"] = packed["aggregate_imgs_per_s"] / ours
+            result["packing"] = packed
+    return result
+
+
+def with_overrides(settings: TrainerBenchSettings, **overrides: Any) -> TrainerBenchSettings:
+    """Settings with the given fields replaced; None means keep the default."""
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def format_trainer_result(r: dict[str, Any]) -> str:
+    c = r["config"]
+    lines = [
+        f"device      {r['device']}",
+        f"model       ViT-{c['size']}/{c['patch']} at {c['img']} px, {c['registers']} registers, batch {c['batch']},"
+        f" {c['steps']} timed steps after {c['warmup']} warmup, compile={c['compile']}",
+        f"ours        {r['imgs_per_s']:10.1f} img/s" + _mfu_text(r["mfu"]),
+        f"plain loop  {r['baseline_imgs_per_s']:10.1f} img/s" + _mfu_text(r["baseline_mfu"]),
+        f"speedup     {r['speedup']:10.2f}x",
+    ]
+    packing = r.get("packing")
+    if packing:
+        if "skipped" in packing:
+            lines.append(f"packing     {packing['copies']} copies: skipped ({packing['skipped']})")
+        else:
+            lines.append(
+                f"packing     {packing['copies']} copies on one GPU: {packing['aggregate_imgs_per_s']:.1f} img/s"
+                f" in all, {packing['vs_one_per_gpu']:.2f}x one copy"
+            )
+    return "\n".join(lines)
+
+
+def _mfu_text(value: float | None) -> str:
+    return "" if value is None else f"   MFU {100 * value:.1f}%"

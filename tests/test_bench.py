@@ -1,0 +1,78 @@
+"""The benchmarks run end to end with tiny settings and end with one JSON line (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.bench import devices
+from orchestrator.bench.overhead import bench_train_config, sweep_spec
+from orchestrator.bench.timeline import slot_gaps
+from orchestrator.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str, timeout: float) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.bench", *args, "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_trainer_bench_reports_both_loops_and_skips_packing_on_cpu() -> None:
+    result = run_bench(
+        "trainer", "--device", "cpu", "--size", "micro", "--img", "16", "--patch", "4", "--registers", "2",
+        "--batch", "8", "--steps", "2", "--warmup", "1", "--copies", "2", timeout=300,
+    )
+    for key in ("imgs_per_s", "baseline_imgs_per_s", "speedup", "mfu", "device", "config"):
+        assert key in result
+    assert result["imgs_per_s"] > 0 and result["baseline_imgs_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["imgs_per_s"] / result["baseline_imgs_per_s"])
+    assert result["mfu"] is None and result["device"].startswith("cpu")
+    assert result["config"]["size"] == "micro" and result["config"]["batch"] == 8
+    assert "skipped" in result["packing"]
+
+
+@pytest.mark.slow
+def test_overhead_bench_runs_the_sweep_and_the_bare_pool(tmp_path) -> None:
+    result = run_bench("overhead", "--trials", "2", "--steps", "10", "--parallel", "2", timeout=900)
+    for key in ("sweep_wall_s", "bare_wall_s", "ratio", "trials", "steps"):
+        assert key in result
+    assert result["trials"] == 2 and result["steps"] == 10
+    assert result["ratio"] == pytest.approx(result["sweep_wall_s"] / result["bare_wall_s"])
+    assert result["sweep"]["trial_runs"] == 2  # one MLflow child run per trial
+
+
+def test_generated_spec_is_a_valid_sweep_of_identical_trials(tmp_path) -> None:
+    spec = parse_spec(sweep_spec(bench_train_config(steps=20), trials=3, parallel=2, storage=tmp_path))
+    assert spec.seeds == [0, 1, 2] and spec.resources.cpu == 1 and spec.max_concurrent == 2
+    assert spec.train.steps == 20 and spec.train.eval_every == 10
+
+
+def test_slot_gaps_follow_each_slot() -> None:
+    # Two slots: trials 0 and 1 start together; 2 follows 0 after 1 s, 3 follows 1 after 3 s.
+    spans = [(0.0, 10.0), (0.0, 12.0), (11.0, 20.0), (15.0, 25.0)]
+    assert sorted(slot_gaps(spans)) == [1.0, 3.0]
+    assert slot_gaps([(0.0, 1.0)]) == []
+
+
+def test_peak_table_prefers_specific_names(monkeypatch) -> None:
+    cuda = torch.device("cuda")
+    for name, tflops in [
+        ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-40GB", 312),
+        ("NVIDIA A10G", 125), ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("Some Future GPU", None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        peak = devices.peak_flops(cuda)
+        assert (peak is None if tflops is None else peak == tflops * 1e12), name
+    assert devices.peak_flops(torch.device("cpu")) is None
+    assert devices.mfu(1e9, 100.0, 1e12) == pytest.approx(0.1)
+    assert devices.mfu(1e9, 100.0, None) is None
