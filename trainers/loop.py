@@ -63,6 +63,10 @@ class Trainer:
         # bf16 autocast where the hardware does it natively; fp32 on CPU unless asked.
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        if self.device.type == "cuda":
+            # fp32 matmuls (fp32 runs, and what autocast leaves in fp32) on tensor cores as TF32.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         # Compilation pays off only for long trials; the spec turns it on explicitly.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
@@ -115,7 +119,9 @@ class Trainer:
             loss = self.train_step(next(batches))
             # Remember the first non-finite step on the device; checked at the next log point.
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)
-            first_bad_step = torch.where(bad, torch.tensor(self.step, device=self.device), first_bad_step)
+            # The step goes in as a Python scalar: torch.tensor(step, device=cuda) would be a
+            # blocking host-to-device copy, i.e. a host sync on every step.
+            first_bad_step = torch.where(bad, self.step, first_bad_step)
             loss_sum += loss
             losses_in_window += 1
             self.step += 1

@@ -180,10 +180,17 @@ class ShapesSource:
         centres = (torch.arange(size, device=self.device, dtype=torch.float32) + 0.5) / size
         return centres.view(1, size, 1), centres.view(1, 1, size)  # ys, xs
 
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A small CPU index tensor on the device without a host sync: a plain .to(cuda) waits
+        for the queued training step to finish; a pinned, non-blocking copy queues behind it."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _render(self, split: str, rows: Tensor, *, size: int, normalise: bool = True) -> Batch:
         """The images of the given rows (CPU indices into the split's parameter table), with masks."""
         params_all, labels_all, labels_cpu_all = self._splits[split]
-        rows_dev = rows.to(self.device)
+        rows_dev = self._to_device(rows)
         p = params_all[rows_dev]
         labels, labels_cpu = labels_all[rows_dev], labels_cpu_all[rows]
         ys, xs = self._grid(size)
@@ -199,7 +206,7 @@ class ShapesSource:
         u, v = (cos * dx + sin * dy) / extent, (cos * dy - sin * dx) / extent
         inside = torch.zeros(u.shape, dtype=torch.bool, device=self.device)
         for k in torch.unique(labels_cpu).tolist():
-            idx = (labels_cpu == k).nonzero().squeeze(1).to(self.device)
+            idx = self._to_device((labels_cpu == k).nonzero().squeeze(1))
             inside[idx] = SHAPES[SHAPE_NAMES[k]][0](u[idx], v[idx])
 
         # Background = colour + linear gradient + one low-frequency wave. The wave
