@@ -167,6 +167,8 @@ def _findings(result: AnalysisResult) -> list[str]:
     judged = [p for p in result.emergence if p.status != "missing"]
     if result.emergence and not judged:
         lines.append("- No trial without registers logged outlier fractions: the emergence of artifacts cannot be judged.")
+    elif judged and not emerged:
+        lines.append(f"- No model size showed artifacts (output outlier fraction above {thr:g}, staying above): {_join(clean)}.")
     elif judged:
         lines.append(
             f"- Artifacts (output outlier fraction above {thr:g}, staying above) appeared in: {_join(emerged)}. "
