@@ -20,7 +20,6 @@ from ray import tune
 
 from orchestrator.tracking import DIVERGED_PREFIX, FAILURE_TAG, TrialRun, flatten
 from trainers.config import TrainConfig
-from trainers.loop import NonFiniteLossError, Trainer
 from trainers.probes import names
 
 # Tune config layout, written by orchestrator/launch.py:
@@ -88,12 +87,25 @@ def trial_label(axes: Mapping[str, Any], index: int) -> str:
     return "-".join(parts)
 
 
+def trial_device() -> Any:
+    """CUDA only when Ray gave this trial a GPU or a fraction of one (it then sets
+    CUDA_VISIBLE_DEVICES to that GPU). Ray leaves CUDA_VISIBLE_DEVICES alone for gpu: 0
+    trials, so torch alone would put a CPU trial on a GPU that was given to another."""
+    import ray
+    import torch
+
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
 def report_finished(run: TrialRun, steps: int) -> None:
     latest = run.latest_metrics()
     tune.report({key: latest[key] for key in (names.VAL_LOSS, names.VAL_TOP1) if key in latest} | {"step": steps})
 
 
 def run_trial(config: dict[str, Any]) -> None:
+    # torch and timm load here, in the trial's worker, not in the driver that only pickles this function.
+    from trainers.loop import NonFiniteLossError, Trainer
+
     sweep = SweepContext(**config["sweep"])
     index, axes = config["trial"]["index"], config["trial"]["axes"]
     cfg = trial_config(config["train"], axes)
@@ -121,7 +133,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     run.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, trial_device())
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
