@@ -257,7 +257,7 @@ def run_sweep(
             # Killed before Tune saved anything to restore from: close the old runs, start over.
             abandon_launch(client, record)
             print(f"Launch {name!r} in {path} had no Tune state to restore; starting it again")
-        experiment_id = get_or_create_experiment(client, spec.experiment_name)
+        experiment_id = get_or_create_experiment(client, spec.experiment_name, spec.mlflow.artifact_location)
         parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text)
         record = LaunchRecord(parent_run_id, experiment_id, digest, "running")
         write_record(path, record)

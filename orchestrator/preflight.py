@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator.storage import StorageCheckError, check_s3_writable, has_credentials_in_url
 from trainers.config import TrainConfig
 from trainers.data import DatasetNotFoundError, check_data
 
@@ -56,7 +57,8 @@ def _check_tracking_server(uri: str) -> None:
         auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
     try:
-        response = requests.post(url, json={"max_results": 1}, auth=auth, timeout=10)
+        # Bounded (connect, read) timeouts and no retries: an unreachable server fails in seconds.
+        response = requests.post(url, json={"max_results": 1}, auth=auth, timeout=(5, 10))
     except requests.RequestException as error:
         raise PreflightError(f"MLflow server {uri} is unreachable ({type(error).__name__}); start it or fix MLFLOW_TRACKING_URI") from None
     if response.status_code in (401, 403):
@@ -70,8 +72,13 @@ def _check_tracking_server(uri: str) -> None:
 
 def check_storage(storage: str) -> None:
     """The storage location exists (or can be made) and takes a write."""
+    if has_credentials_in_url(storage):
+        raise PreflightError(
+            "storage: the URL holds credentials; remove them and use the standard AWS chain "
+            "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role)"
+        )
     if storage.startswith("s3://"):
-        _check_s3(storage)
+        _check_s3(storage, "storage")
         return
     if "://" in storage:
         return  # other pyarrow filesystems (gs://, ...): Tune reports them itself
@@ -85,26 +92,23 @@ def check_storage(storage: str) -> None:
         raise PreflightError(f"storage {storage}: cannot write there ({error.strerror})") from None
 
 
-def _check_s3(storage: str) -> None:
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
+def check_artifact_location(location: str | None) -> None:
+    """An S3 artifact root for a new MLflow experiment takes a write (others: MLflow reports them)."""
+    if location and location.startswith("s3://"):
+        _check_s3(location, "MLflow artifact location")
 
-    parsed = urlparse(storage)
-    bucket, prefix = parsed.netloc, parsed.path.strip("/")
-    key = f"{prefix}/.write-check-{uuid.uuid4().hex}" if prefix else f".write-check-{uuid.uuid4().hex}"
-    s3 = boto3.client("s3")  # standard credential chain; AWS_ENDPOINT_URL for S3-compatible stores
+
+def _check_s3(uri: str, what: str) -> None:
     try:
-        s3.head_bucket(Bucket=bucket)
-        s3.put_object(Bucket=bucket, Key=key, Body=b"ok")
-        s3.delete_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "error")
-        raise PreflightError(f"storage {storage}: bucket {bucket!r} is not writable ({code})") from None
-    except BotoCoreError as error:
-        raise PreflightError(f"storage {storage}: S3 unreachable or no credentials ({error})") from None
+        check_s3_writable(uri, what)
+    except StorageCheckError as error:
+        raise PreflightError(str(error)) from None
 
 
-def run_preflight(configs: list[TrainConfig], tracking_uri: str, storage: str) -> None:
+def run_preflight(
+    configs: list[TrainConfig], tracking_uri: str, storage: str, artifact_location: str | None = None
+) -> None:
     check_datasets(configs)
     check_tracking(tracking_uri)
     check_storage(storage)
+    check_artifact_location(artifact_location)

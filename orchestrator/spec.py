@@ -26,6 +26,7 @@ from orchestrator.overrides import (
     first_problem,
     set_dotted,
 )
+from orchestrator.storage import has_credentials_in_url
 from trainers.config import TrainConfig
 from trainers.probes import names
 
@@ -35,6 +36,7 @@ __all__ = [
 
 SEED_AXIS = "seed"  # the seeds list is crossed with the grid as this axis (a path into train)
 MAX_TRIALS = 10_000  # more grid trials than this is a typo in a list, not a study
+USE_AWS_CHAIN = "remove them and use the standard AWS chain (AWS_PROFILE, AWS_* variables, an instance role)"
 REPORTED_METRICS = (names.VAL_LOSS, names.VAL_TOP1, names.TRAIN_LOSS)
 
 
@@ -137,6 +139,16 @@ class Resources(Block):
 
 class MlflowConfig(Block):
     experiment: str | None = Field(default=None, min_length=1, description="default: the sweep name")
+    artifact_location: str | None = Field(
+        default=None, min_length=1, description="artifact root of a new experiment, e.g. s3://bucket/mlflow"
+    )
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _no_credentials(cls, location: str | None) -> str | None:
+        if location and has_credentials_in_url(location):  # SpecError passes pydantic and does not echo the secret
+            raise SpecError("mlflow.artifact_location", f"the URL holds credentials; {USE_AWS_CHAIN}")
+        return location
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -328,6 +340,8 @@ def _check_storage(storage: str) -> None:
     scheme, sep, rest = storage.partition("://")
     if sep and not rest.strip("/"):
         raise SpecError("storage", f"the URL needs a bucket, e.g. {scheme}://my-bucket/ray_results", storage)
+    if has_credentials_in_url(storage):  # the value is not echoed: it holds a secret
+        raise SpecError("storage", f"the URL holds credentials; {USE_AWS_CHAIN}")
 
 
 # ----------------------------------------------------------------------------- loading

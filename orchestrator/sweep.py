@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tracking_uri = default_tracking_uri()
     try:
-        run_preflight([t.config for t in plan.trials], tracking_uri, spec.storage)
+        run_preflight([t.config for t in plan.trials], tracking_uri, spec.storage, spec.mlflow.artifact_location)
     except PreflightError as error:
         return fail(str(error))
     try:
