@@ -35,6 +35,12 @@ def check_datasets(configs: list[TrainConfig]) -> None:
 
 def check_tracking(uri: str) -> None:
     """The tracking store answers (server) or can be created (local SQLite / file store)."""
+    if has_credentials_in_url(uri):
+        # The URI travels in every trial's Tune config (params.json): keep secrets out of it.
+        raise PreflightError(
+            "MLFLOW_TRACKING_URI contains credentials; set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD instead"
+        )
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         _check_tracking_server(uri)

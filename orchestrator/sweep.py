@@ -2,7 +2,8 @@
 
 Validates the spec, prints the plan, checks that data, MLflow and storage are reachable,
 then runs the sweep through Ray Tune with every trial logged to MLflow. Exit codes:
-0 done, 1 some trials failed, 2 bad spec or failed preflight (nothing was started).
+0 done, 1 some trials failed, 2 bad spec or failed preflight (nothing was started),
+130 interrupted (Ctrl-C; run the same command again to resume).
 """
 
 from __future__ import annotations

@@ -65,6 +65,12 @@ def test_unreachable_mlflow_server_is_named() -> None:
         check_tracking(url)
 
 
+def test_tracking_uri_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(PreflightError, match="MLFLOW_TRACKING_USERNAME") as caught:
+        check_tracking("https://admin:very-secret@mlflow.example.org")
+    assert "very-secret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("key", ["storage", "mlflow.artifact_location"])
 def test_credentials_in_a_url_are_refused_without_echoing_them(key: str) -> None:
     raw: dict[str, Any] = {"name": "x"}
