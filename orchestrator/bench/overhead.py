@@ -192,6 +192,7 @@ def run_overhead_bench(settings: OverheadSettings) -> dict[str, Any]:
             "bare_wall_s": bare["wall_s"],
             "sweep_wall_s": sweep["wall_s"],
             "ratio": sweep["wall_s"] / bare["wall_s"],
+            "extra_s": sweep["wall_s"] - bare["wall_s"],
             "bare": bare,
             "sweep": sweep,
         }
@@ -211,7 +212,7 @@ def format_overhead_result(r: dict[str, Any]) -> str:
         f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})",
         f"bare pool   {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
         f" one training {b['train_s_mean']:.1f} s)",
-        f"sweep       {r['sweep_wall_s']:7.1f} s   ratio {r['ratio']:.2f}",
+        f"sweep       {r['sweep_wall_s']:7.1f} s   ratio {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
         "where the sweep's time goes:",
         f"  start to MLflow parent run (imports, spec, preflight)   {s['driver_start_s']:6.1f} s",
         f"  parent run to first trial run (Ray, Tune, worker start) {s['to_first_trial_s']:6.1f} s",
