@@ -160,6 +160,7 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting at start-up
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
@@ -201,6 +202,10 @@ def build_tuner(spec: Any, plan: Any, context: SweepContext, callback: MlflowTri
         max_concurrent_trials=spec.max_concurrent,
         trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
         trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
+        # A finished trial's worker runs the next trial (function trainables restart their
+        # training thread with the new config): torch, timm and MLflow are imported once per
+        # slot instead of once per trial. Every trial asks for the same resources, as reuse needs.
+        reuse_actors=True,
     )
     run_config = tune.RunConfig(
         name=name,
