@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator.overrides import set_dotted
 from orchestrator.tracking import DIVERGED_PREFIX, FAILURE_TAG, TrialRun, flatten
 from trainers.config import TrainConfig
 from trainers.probes import names
@@ -46,14 +47,6 @@ RESTORED_TAG = "restored_from_step"
 
 class TrialDivergedError(RuntimeError):
     """A retry of a trial that already diverged: the loss will be non-finite again, so stop."""
-
-
-def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = path.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
 
 
 def trial_config(base: Mapping[str, Any], axes: Mapping[str, Any]) -> TrainConfig:
