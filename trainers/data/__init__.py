@@ -10,15 +10,27 @@ only on (seed, s), so a resumed trial sees exactly the batches it would have see
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import DataConfig
-from .base import Batch, DataSource
 from .layout import DatasetNotFoundError, check_local_layout, is_s3, required_children, resolve_root
-from .shapes import ShapesSource
+
+if TYPE_CHECKING:
+    import torch
+
+    from .base import Batch, DataSource
 
 __all__ = ["Batch", "DataSource", "DatasetNotFoundError", "build_data", "check_data"]
+
+
+def __getattr__(name: str) -> Any:
+    # torch loads only when a source is built: the sweep driver runs check_data in its
+    # preflight and should not pay torch's import for it.
+    if name in ("Batch", "DataSource"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -34,9 +46,11 @@ def check_data(cfg: DataConfig) -> None:
         check_local_layout(cfg.name, Path(root))
 
 
-def build_data(cfg: DataConfig, *, img_size: int, seed: int, device: torch.device) -> DataSource:
+def build_data(cfg: DataConfig, *, img_size: int, seed: int, device: "torch.device") -> "DataSource":
     """The data source that cfg names, yielding batches on `device`."""
     if cfg.name == "shapes":
+        from .shapes import ShapesSource
+
         return ShapesSource(
             num_classes=cfg.num_classes,
             train_size=cfg.train_size,
