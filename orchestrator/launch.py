@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -251,25 +252,32 @@ def run_sweep(
             f"and --set options, or pass --launch NEW_NAME"
         )
 
-    if resumed:
-        assert record is not None
-        experiment_id, parent_run_id = record.experiment_id, record.parent_run_id
-        client.update_run(parent_run_id, status="RUNNING")
-        closed = close_orphans(client, experiment_id, parent_run_id)
-        print(f"Resuming launch {name!r} from {path} (parent run {parent_run_id}; {closed} interrupted trial runs)")
-    else:
+    def open_launch() -> tuple[str, str, LaunchRecord]:
+        if resumed:
+            assert record is not None
+            client.update_run(record.parent_run_id, status="RUNNING")
+            closed = close_orphans(client, record.experiment_id, record.parent_run_id)
+            print(f"Resuming launch {name!r} from {path} (parent run {record.parent_run_id}; {closed} interrupted trial runs)")
+            return record.experiment_id, record.parent_run_id, record
         if record is not None:
             # Killed before Tune saved anything to restore from: close the old runs, start over.
             abandon_launch(client, record)
             print(f"Launch {name!r} in {path} had no Tune state to restore; starting it again")
         experiment_id = get_or_create_experiment(client, spec.experiment_name, spec.mlflow.artifact_location)
         parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text)
-        record = LaunchRecord(parent_run_id, experiment_id, digest, "running")
-        write_record(path, record)
+        fresh = LaunchRecord(parent_run_id, experiment_id, digest, "running")
+        write_record(path, fresh)
+        return experiment_id, parent_run_id, fresh
+
+    # Ray's start and MLflow's (schema creation on a new store, the parent run) are both
+    # seconds of mostly waiting: do them at once. Ray stays on the main thread (signals).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(open_launch)
+        init_ray()
+        experiment_id, parent_run_id, record = opening.result()
 
     context = SweepContext(tracking_uri, experiment_id, parent_run_id, code_version())
     callback = MlflowTrialBookkeeping(tracking_uri, experiment_id, parent_run_id)
-    init_ray()
     if resumed:
         tuner = tune.Tuner.restore(
             path,
