@@ -97,9 +97,9 @@ def test_figures_are_valid_pngs(report):
 
 def test_figures_follow_the_config_unless_overridden():
     vit = model()
-    without = run_probes(vit, batch(), ProbeConfig(figures=False))
+    without = run_probes(vit, batch(), ProbeConfig(figures="off"))
     assert set(without.files) == {names.NORMS_FILE, names.ATTENTION_FILE}
-    assert names.ATTENTION_FIGURE in run_probes(vit, batch(), ProbeConfig(figures=False), figures=True).files
+    assert names.ATTENTION_FIGURE in run_probes(vit, batch(), ProbeConfig(figures="off"), figures=True).files
 
 
 def test_real_data_without_masks_skips_mask_metrics_and_train_mode_is_restored():

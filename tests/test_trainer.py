@@ -109,3 +109,13 @@ def test_non_finite_loss_fails_fast_naming_the_step() -> None:
     with pytest.raises(NonFiniteLossError, match="step 3"):
         trainer.fit(MemoryTracker())
     assert trainer.step == 3  # stopped at the first log point after the bad step
+
+
+def test_probes_run_at_their_cadence_and_draw_figures_at_the_end_only() -> None:
+    tracker = MemoryTracker()
+    Trainer(tiny_config(probe=ProbeConfig(every=3, batch_size=8)), CPU).fit(tracker)
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [3, 6]
+    middle, end = names.artifact_dir(3), names.artifact_dir(6)
+    assert f"{middle}/{names.NORMS_FILE}" in tracker.files and f"{end}/{names.NORMS_FILE}" in tracker.files
+    assert not any(k.startswith(middle) and k.endswith(".png") for k in tracker.files)
+    assert any(k.startswith(end) and k.endswith(".png") for k in tracker.files)

@@ -103,7 +103,9 @@ class ProbeConfig(Strict):
     at_end: bool = True
     batch_size: int = Field(default=32, gt=0, description="fixed probe batch from the val split")
     outlier_cutoff: float = Field(default=150.0, gt=0, description="absolute norm cutoff (paper: 150 for DINOv2 ViT-g)")
-    figures: bool = True
+    figures: Literal["end", "every", "off"] = Field(
+        default="end", description="PNG figures at the final probe only, at every probe, or never"
+    )
 
 
 class TrainConfig(Strict):

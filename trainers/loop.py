@@ -138,7 +138,7 @@ class Trainer:
                 loss_sum.zero_()
                 losses_in_window = 0
             if self._due(cfg.probe.every, done and cfg.probe.at_end):
-                self.probe(tracker)
+                self.probe(tracker, final=done)
             evaluate = self._due(cfg.eval_every, done)
             if evaluate:
                 metrics = self.evaluate()
@@ -167,11 +167,14 @@ class Trainer:
         self.model.train()
         return {names.VAL_LOSS: float(loss_sum) / count, names.VAL_TOP1: float(correct) / count}
 
-    def probe(self, tracker: Tracker) -> float:
+    def probe(self, tracker: Tracker, final: bool = False) -> float:
         """Run the artifact probes on the fixed probe batch; returns their wall time in seconds."""
         from trainers.probes.report import run_probes  # heavy (matplotlib), only when probing
 
-        report = run_probes(self.model, self.data.probe_batch(self.cfg.probe.batch_size), self.cfg.probe)
+        # Figures cost more than the measurements: by default only the final probe draws them.
+        figures = self.cfg.probe.figures == "every" or (self.cfg.probe.figures == "end" and final)
+        batch = self.data.probe_batch(self.cfg.probe.batch_size)
+        report = run_probes(self.model, batch, self.cfg.probe, figures=figures)
         tracker.log_metrics(report.scalars, self.step)  # includes probe/seconds
         if report.files:
             tracker.log_files(report.files, names.artifact_dir(self.step))

@@ -46,7 +46,8 @@ def run_probes(
 ) -> ProbeReport:
     """Measure artifact tokens, registers and attention of `model` on `batch` (fp32, eval mode).
 
-    figures: draw PNGs; None follows cfg.figures. The model's train/eval mode is restored.
+    figures: draw PNGs; None draws them unless cfg.figures is "off" (the trainer, which
+    knows which probe is the last, decides "end"). The model's train/eval mode is restored.
     """
     start = time.perf_counter()
     vit: VisionTransformer = unwrap(model)
@@ -55,7 +56,7 @@ def run_probes(
     vit.eval()
     try:
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            report = _measure(vit, batch.to(device), cfg, cfg.figures if figures is None else figures)
+            report = _measure(vit, batch.to(device), cfg, cfg.figures != "off" if figures is None else figures)
     finally:
         vit.train(was_training)
     if device.type == "cuda":
