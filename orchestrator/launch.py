@@ -119,12 +119,18 @@ def spec_digest(spec: Any) -> str:
 
 
 def open_parent_run(
-    client: MlflowClient, experiment_id: str, spec: Any, launch_name: str, overrides: Sequence[str], plan_text: str
+    client: MlflowClient,
+    experiment_id: str,
+    spec: Any,
+    launch_name: str,
+    overrides: Sequence[str],
+    plan_text: str,
+    commit: str,
 ) -> str:
     run = client.create_run(
         experiment_id,
         run_name=f"{launch_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={ROLE_TAG: "parent", SWEEP_TAG: spec.name, LAUNCH_TAG: launch_name, "git_commit": code_version()},
+        tags={ROLE_TAG: "parent", SWEEP_TAG: spec.name, LAUNCH_TAG: launch_name, "git_commit": commit},
     )
     run_id = run.info.run_id
     client.log_param(run_id, "overrides", " ".join(overrides) if overrides else "(none)")
@@ -252,6 +258,8 @@ def run_sweep(
             f"and --set options, or pass --launch NEW_NAME"
         )
 
+    commit = code_version()
+
     def open_launch() -> tuple[str, str, LaunchRecord]:
         if resumed:
             assert record is not None
@@ -264,7 +272,7 @@ def run_sweep(
             abandon_launch(client, record)
             print(f"Launch {name!r} in {path} had no Tune state to restore; starting it again")
         experiment_id = get_or_create_experiment(client, spec.experiment_name, spec.mlflow.artifact_location)
-        parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text)
+        parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text, commit)
         fresh = LaunchRecord(parent_run_id, experiment_id, digest, "running")
         write_record(path, fresh)
         return experiment_id, parent_run_id, fresh
@@ -276,7 +284,7 @@ def run_sweep(
         init_ray()
         experiment_id, parent_run_id, record = opening.result()
 
-    context = SweepContext(tracking_uri, experiment_id, parent_run_id, code_version())
+    context = SweepContext(tracking_uri, experiment_id, parent_run_id, commit)
     callback = MlflowTrialBookkeeping(tracking_uri, experiment_id, parent_run_id)
     if resumed:
         tuner = tune.Tuner.restore(
