@@ -76,3 +76,25 @@ def test_peak_table_prefers_specific_names(monkeypatch) -> None:
     assert devices.peak_flops(torch.device("cpu")) is None
     assert devices.mfu(1e9, 100.0, 1e12) == pytest.approx(0.1)
     assert devices.mfu(1e9, 100.0, None) is None
+
+
+def test_store_bench_reads_probe_cost_and_sizes_from_mlflow(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from helpers_mlflow_store import write_sweep
+    from trainers.probes import names
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seeded = write_sweep(uri, sweep_name="costs", register_counts=(0, 4))
+    client = MlflowClient(uri)
+    run_id = seeded.trial_runs[4][0]
+    client.log_metric(run_id, names.PROBE_SECONDS, 0.5, step=5)
+    (tmp_path / "norms.npz").write_bytes(b"x" * 1000)
+    client.log_artifact(run_id, str(tmp_path / "norms.npz"), "probes/step_0000005")
+
+    result = run_bench("store", "--experiment", "costs", "--tracking-uri", uri, timeout=120)
+    assert result["trials"] == 2 and result["launches"] == 1
+    assert result["artifact_bytes_per_trial_max"] == 1000
+    assert result["artifact_bytes_per_trial_mean"] == 500
+    assert 0 < result["probe_share_max"] and result["probe_share_mean"] == result["probe_share_max"] / 2
+    assert result["metric_points_per_trial_max"] >= 1

@@ -1,7 +1,8 @@
-"""`python -m orchestrator.bench {trainer,overhead} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,overhead,store} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
+store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 
 With --json the last line of stdout is one JSON object with the figures.
 """
@@ -39,6 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     overhead.add_argument("--profile", action="store_true", help="also time imports and Ray start-up alone")
     overhead.add_argument("--keep", action="store_true", help="keep the temporary sweep folder and print it")
     overhead.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    store = sub.add_parser("store", help="probe cost and store size of a finished sweep")
+    store.add_argument("--experiment", required=True, help="MLflow experiment (the sweep name)")
+    store.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    store.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser.parse_args(argv)
 
 
@@ -59,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = run_trainer_bench(settings, device)
         print(format_trainer_result(result))
+    elif args.bench == "store":
+        from orchestrator.bench.store import format_store_result, measure_store
+
+        result = measure_store(args.experiment, args.tracking_uri)
+        print(format_store_result(result))
     else:
         from orchestrator.bench.overhead import OverheadSettings, format_overhead_result, run_overhead_bench
 
