@@ -174,13 +174,20 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
+def resourced_trainable(spec: Any) -> Any:
+    """run_trial with the spec's per-trial resources: the same for a fresh and a restored Tuner."""
+    from ray import tune
+
+    return tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
 def build_tuner(spec: Any, plan: Any, context: SweepContext, callback: MlflowTrialBookkeeping, name: str) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from orchestrator.search import GridCellSearcher
 
-    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    trainable = resourced_trainable(spec)
     param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json"), "sweep": asdict(context)}
     search_alg, num_samples = None, 1
     if spec.search is None:
@@ -289,7 +296,7 @@ def run_sweep(
     if resumed:
         tuner = tune.Tuner.restore(
             path,
-            trainable=tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}),
+            trainable=resourced_trainable(spec),
             # Errored trials already used up their max_failures retries (or diverged):
             # their FAILED runs are results, like finished trials, and are not re-run.
             resume_unfinished=True,
