@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.launch import LaunchFinishedError, run_sweep
     from orchestrator.preflight import PreflightError, run_preflight
     from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tune_state import TuneStateError
 
     tracking_uri = default_tracking_uri()
     try:
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(error))
     try:
         outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch)
-    except LaunchFinishedError as error:
+    except (LaunchFinishedError, TuneStateError) as error:
         return fail(str(error))
 
     print(

@@ -21,13 +21,13 @@ from trainers.probes import names
 POLL_SECONDS = 0.2
 
 
-def start_sweep_cli(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def start_sweep_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """The CLI in a new session (its own process group), output to files in tmp_path."""
     stdout = open(tmp_path / "sweep.out", "a")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator.sweep", *args],
         cwd=tmp_path,
-        env=sweep_env(tmp_path),
+        env=sweep_env(tmp_path, **env),
         stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
@@ -73,9 +73,17 @@ def store_has_runs(db: Path) -> bool:
 
 
 def wait_for_store(
-    tmp_path: Path, process: subprocess.Popen[str], ready: Callable[[MlflowClient], Any], timeout: float = 240
+    tmp_path: Path,
+    process: subprocess.Popen[str],
+    ready: Callable[[MlflowClient], Any],
+    timeout: float = 240,
+    frozen: bool = False,
 ) -> Any:
-    """Poll the store until `ready(client)` returns something truthy (and return it)."""
+    """Poll the store until `ready(client)` returns something truthy (and return it).
+
+    With `frozen`, each check runs with the sweep's whole process group stopped (SIGSTOP)
+    and a successful one leaves it stopped, so that what was checked is still true when
+    the caller kills the group: trials of a second or two finish between a check and a kill."""
     deadline = time.monotonic() + timeout
     client = None
     while time.monotonic() < deadline:
@@ -84,12 +92,16 @@ def wait_for_store(
         if client is None and store_has_runs(tmp_path / "mlflow.db"):
             client = store_client(tmp_path)
         if client is not None:
+            if frozen:
+                os.killpg(process.pid, signal.SIGSTOP)
             try:
                 found = ready(client)
             except Exception:  # noqa: BLE001 (the store is being written; try again)
                 found = None
             if found:
                 return found
+            if frozen:
+                os.killpg(process.pid, signal.SIGCONT)
         time.sleep(POLL_SECONDS)
     process.kill()
     raise AssertionError(f"timed out waiting on the MLflow store:\n{output(tmp_path)[-4000:]}")

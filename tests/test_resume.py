@@ -6,7 +6,7 @@ searcher (pickled in Tune's state) along with our MLflow callback and the traina
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -28,9 +28,8 @@ from trainers.probes import names
 pytestmark = pytest.mark.slow
 
 STEPS, LOG_EVERY, EVAL_EVERY, TRIALS = 60, 5, 10, 3
-# Tune saves its experiment state at least every 2 checkpoints of a trial (num_to_keep=2)
-# and every ~10 s otherwise; kill once the running trial is past a few checkpoints, so
-# that the restore has one of its checkpoints to continue from.
+# Kill once the running trial is past a few checkpoints and Tune's saved state (uploaded
+# every second here, TUNE_GLOBAL_CHECKPOINT_S) records one of them for the restore.
 KILL_AFTER_LOGGED = 3 * EVAL_EVERY // LOG_EVERY
 
 
@@ -48,22 +47,42 @@ def resume_spec(tmp_path: Path) -> dict[str, Any]:
     return spec
 
 
-def finished_and_interrupted(client: Any) -> tuple[Any, Any] | None:
-    """A finished trial run and a running one that has logged part of its history."""
-    runs = trial_runs(client, "resume")
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    running = [r for r in runs if r.info.status == "RUNNING"]
-    for run in running:
-        logged = len(train_loss_steps(client, run.info.run_id))
-        if finished and KILL_AFTER_LOGGED <= logged < STEPS // LOG_EVERY:
-            return finished[0], run
-    return None
+def trials_with_saved_checkpoint(launch_folder: Path) -> set[str]:
+    """Trial ids whose checkpoint is in Tune's newest saved experiment state (read as Tune reads it)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    state = _loads_with_cloudpickle(max(launch_folder.glob("experiment_state-*.json")).read_bytes())
+    found = set()
+    for trial_json, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        if trial.checkpoint is not None:
+            found.add(trial.trial_id)
+    return found
+
+
+def finished_and_interrupted(launch_folder: Path) -> Callable[[Any], tuple[Any, Any] | None]:
+    def ready(client: Any) -> tuple[Any, Any] | None:
+        """A finished trial run and a running one that has logged part of its history."""
+        runs = trial_runs(client, "resume")
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING"]
+        for run in running:
+            logged = len(train_loss_steps(client, run.info.run_id))
+            if finished and KILL_AFTER_LOGGED <= logged < STEPS // LOG_EVERY:
+                if run.data.tags["trial_id"] in trials_with_saved_checkpoint(launch_folder):
+                    return finished[0], run
+        return None
+
+    return ready
 
 
 def test_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
     spec_path = str(write_spec(tmp_path, resume_spec(tmp_path)))
-    first = start_sweep_cli(tmp_path, spec_path)
-    done_before, cut_short = wait_for_store(tmp_path, first, finished_and_interrupted)
+    launch_folder = tmp_path / "ray_results" / "resume"
+    first = start_sweep_cli(tmp_path, spec_path, TUNE_GLOBAL_CHECKPOINT_S="1")
+    done_before, cut_short = wait_for_store(tmp_path, first, finished_and_interrupted(launch_folder), frozen=True)
     started = kill_sweep_group(first)
 
     # Ray's raylet, GCS and trial workers were started by ray.init() in the driver; none may outlive it.
@@ -76,9 +95,17 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
     cut_short_steps = train_loss_steps(client, cut_short.info.run_id)
     done_before_steps = train_loss_steps(client, done_before.info.run_id)
 
+    # Tune copies its state files to the launch folder in a background thread, not atomically;
+    # a kill during that copy leaves one torn (orchestrator/tune_state.py). Tear it here so the
+    # resume always has to mend it from Tune's staging copy.
+    state_file = max(launch_folder.glob("experiment_state-*.json"))
+    state_file.write_bytes(state_file.read_bytes()[:100])
+
     again = run_sweep_cli(tmp_path, spec_path)
     assert again.returncode == 0, output(tmp_path)[-3000:] + again.stdout[-3000:] + again.stderr[-3000:]
     assert "Resuming launch 'resume'" in again.stdout
+    assert f"Tune's saved {state_file.name}" in again.stdout and "torn" in again.stdout
+    assert "Failed to restore" not in again.stdout + again.stderr
 
     runs = trial_runs(client, "resume")
     assert len(runs) == TRIALS, [r.info.run_name for r in runs]
