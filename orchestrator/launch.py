@@ -6,7 +6,8 @@ the same command again finds the record: an unfinished launch is restored (finis
 trials are not re-run, each trial keeps its one MLflow run); a finished one is reported
 and left alone.
 
-What a resume does (checked against Ray 2.60): Tune's experiment state, saved at most
+What a resume does (checked against Ray 2.60): first tune_state.ensure_restorable checks
+that Tune's saved state files load (a crash can tear them). Tune's experiment state, saved at most
 every ~10 s, brings back the trials with their ids, statuses and last checkpoints; the
 Tuner's pickled state brings back the searcher, scheduler and our callback. Trials that
 were running restart from their last checkpoint and reattach to their MLflow run by the
@@ -33,6 +34,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.checkpoints import CheckpointPruner
 from orchestrator.tracking import (
     FAILURE_TAG,
     LAUNCH_TAG,
@@ -43,6 +45,7 @@ from orchestrator.tracking import (
     get_or_create_experiment,
 )
 from orchestrator.trainable import SweepContext, run_trial, trial_label
+from orchestrator.tune_state import ensure_restorable
 
 RECORD_FILE = "sweep_launch.json"
 PACKAGE_DIRS = ("orchestrator", "trainers")
@@ -90,10 +93,16 @@ def read_record(path: str) -> LaunchRecord | None:
 
 
 def write_record(path: str, record: LaunchRecord) -> None:
+    """Written whole or not at all: a local file is replaced by rename, an object store PUT is atomic."""
     fs, root = pyarrow.fs.FileSystem.from_uri(path)
     fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{RECORD_FILE}") as stream:
+    target = f"{root}/{RECORD_FILE}"
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+    written = f"{target}.partial" if local else target
+    with fs.open_output_stream(written) as stream:
         stream.write(json.dumps(asdict(record), indent=2).encode())
+    if local:
+        os.replace(written, target)
 
 
 def code_version() -> str:
@@ -225,8 +234,10 @@ def build_tuner(spec: Any, plan: Any, context: SweepContext, callback: MlflowTri
         name=name,
         storage_path=storage_uri(spec.storage),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[callback],
+        # Tune keeps every checkpoint; CheckpointPruner deletes superseded ones once no saved
+        # experiment state can point at them (Tune's own num_to_keep deletes too early for a resume).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[callback, CheckpointPruner(keep=2)],
         verbose=1,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -264,6 +275,10 @@ def run_sweep(
             f"launch {name!r} in {path} was started from a different spec; resume it with the same spec "
             f"and --set options, or pass --launch NEW_NAME"
         )
+
+    mended = ensure_restorable(path, name) if resumed else None
+    if mended:
+        print(f"Tune's saved {mended} in {path} was torn by the crash; restored Tune's state from its staging copy")
 
     commit = code_version()
 

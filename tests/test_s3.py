@@ -128,6 +128,7 @@ def test_sweep_keeps_state_checkpoints_and_artifacts_in_s3(s3: S3Endpoint, s3_cl
 
     s3_client.create_bucket(Bucket="lab")
     spec = tiny_spec(tmp_path, storage="s3://lab/sweeps", mlflow={"artifact_location": "s3://lab/mlflow"})
+    spec["train"]["steps"] = 8  # 4 checkpoints a trial (eval_every 2), of which the newest 2 are kept
     done = run_sweep_cli(tmp_path, str(write_spec(tmp_path, spec)))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -137,8 +138,9 @@ def test_sweep_keeps_state_checkpoints_and_artifacts_in_s3(s3: S3Endpoint, s3_cl
     assert any(k.startswith("sweeps/e2e/experiment_state") and k.endswith(".json") for k in keys), keys
     trial_dirs = {k.split("/")[2] for k in keys if k.startswith("sweeps/e2e/trial_")}
     assert len(trial_dirs) == 2
-    for trial_dir in trial_dirs:  # every trial's checkpoint was written to the bucket
-        assert any(k.startswith(f"sweeps/e2e/{trial_dir}/checkpoint_") for k in keys), trial_dir
+    for trial_dir in trial_dirs:  # every trial's checkpoints went to the bucket; the superseded ones are gone
+        checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"sweeps/e2e/{trial_dir}/checkpoint_")}
+        assert checkpoints == {"checkpoint_000002", "checkpoint_000003"}, (trial_dir, checkpoints)
     assert not (tmp_path / "ray_results").exists()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
