@@ -72,6 +72,13 @@ def store_has_runs(db: Path) -> bool:
         return False
 
 
+def check(client: MlflowClient, ready: Callable[[MlflowClient], Any]) -> Any:
+    try:
+        return ready(client)
+    except Exception:  # noqa: BLE001 (the store is being written; try again)
+        return None
+
+
 def wait_for_store(
     tmp_path: Path,
     process: subprocess.Popen[str],
@@ -81,9 +88,9 @@ def wait_for_store(
 ) -> Any:
     """Poll the store until `ready(client)` returns something truthy (and return it).
 
-    With `frozen`, each check runs with the sweep's whole process group stopped (SIGSTOP)
-    and a successful one leaves it stopped, so that what was checked is still true when
-    the caller kills the group: trials of a second or two finish between a check and a kill."""
+    With `frozen`, a check that passes is repeated with the sweep's whole process group
+    stopped (SIGSTOP), and a pass leaves it stopped, so that what was checked is still
+    true when the caller kills the group: short trials finish between a check and a kill."""
     deadline = time.monotonic() + timeout
     client = None
     while time.monotonic() < deadline:
@@ -91,17 +98,15 @@ def wait_for_store(
             raise AssertionError(f"the sweep exited ({process.returncode}) too early:\n{output(tmp_path)[-4000:]}")
         if client is None and store_has_runs(tmp_path / "mlflow.db"):
             client = store_client(tmp_path)
-        if client is not None:
-            if frozen:
-                os.killpg(process.pid, signal.SIGSTOP)
-            try:
-                found = ready(client)
-            except Exception:  # noqa: BLE001 (the store is being written; try again)
-                found = None
+        if client is not None and check(client, ready):
+            if not frozen:
+                return check(client, ready)
+            # Checked once running (cheap, the store may be mid-write), again frozen.
+            os.killpg(process.pid, signal.SIGSTOP)
+            found = check(client, ready)
             if found:
                 return found
-            if frozen:
-                os.killpg(process.pid, signal.SIGCONT)
+            os.killpg(process.pid, signal.SIGCONT)
         time.sleep(POLL_SECONDS)
     process.kill()
     raise AssertionError(f"timed out waiting on the MLflow store:\n{output(tmp_path)[-4000:]}")

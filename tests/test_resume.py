@@ -27,9 +27,11 @@ from trainers.probes import names
 
 pytestmark = pytest.mark.slow
 
-STEPS, LOG_EVERY, EVAL_EVERY, TRIALS = 60, 5, 10, 3
+STEPS, LOG_EVERY, EVAL_EVERY, TRIALS = 240, 5, 40, 3
 # Kill once the running trial is past a few checkpoints and Tune's saved state (uploaded
-# every second here, TUNE_GLOBAL_CHECKPOINT_S) records one of them for the restore.
+# every second here, TUNE_GLOBAL_CHECKPOINT_S; more often starves the driver on a busy
+# machine) records one of them for the restore. A trial takes a few seconds, so the check
+# is repeated with the sweep frozen (SIGSTOP) and the sweep is killed frozen.
 KILL_AFTER_LOGGED = 3 * EVAL_EVERY // LOG_EVERY
 
 
