@@ -72,7 +72,7 @@ def store_has_runs(db: Path) -> bool:
         return False
 
 
-def check(client: MlflowClient, ready: Callable[[MlflowClient], Any]) -> Any:
+def try_ready(client: MlflowClient, ready: Callable[[MlflowClient], Any]) -> Any:
     try:
         return ready(client)
     except Exception:  # noqa: BLE001 (the store is being written; try again)
@@ -98,12 +98,13 @@ def wait_for_store(
             raise AssertionError(f"the sweep exited ({process.returncode}) too early:\n{output(tmp_path)[-4000:]}")
         if client is None and store_has_runs(tmp_path / "mlflow.db"):
             client = store_client(tmp_path)
-        if client is not None and check(client, ready):
-            if not frozen:
-                return check(client, ready)
-            # Checked once running (cheap, the store may be mid-write), again frozen.
+        found = try_ready(client, ready) if client is not None else None
+        if found and not frozen:
+            return found
+        if found:
+            # Checked once running (the store may be mid-write), again frozen.
             os.killpg(process.pid, signal.SIGSTOP)
-            found = check(client, ready)
+            found = try_ready(client, ready)
             if found:
                 return found
             os.killpg(process.pid, signal.SIGCONT)
