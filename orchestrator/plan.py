@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.spec import SweepSpec, describe_param
 from trainers.config import DataConfig, ModelConfig, TrainConfig
-from trainers.model import train_flops_per_image
+from trainers.cost import train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}

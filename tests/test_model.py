@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from trainers.config import ModelConfig
-from trainers.model import build_model, forward_macs_per_image, patch_tokens, register_tokens
+from trainers.cost import forward_macs_per_image
+from trainers.model import build_model, patch_tokens, register_tokens
 
 
 @pytest.mark.parametrize("registers", [0, 1, 4])

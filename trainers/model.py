@@ -1,4 +1,4 @@
-"""ViT with registers, built from timm, and the arithmetic of its cost.
+"""ViT with registers, built from timm (its cost arithmetic is in trainers/cost.py).
 
 Registers are placed as the paper places them (Darcet et al. 2023, Sec. 3): N learnable
 tokens after [CLS] and before the patches, with no position embedding, dropped at the
@@ -41,23 +41,3 @@ def register_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Ten
     """Register tokens of an NLC token tensor (empty along dim 1 when there are none)."""
     start = 1 if model.cls_token is not None else 0
     return tokens[:, start : model.num_prefix_tokens]
-
-
-def forward_macs_per_image(cfg: ModelConfig, num_classes: int) -> int:
-    """Multiply-accumulates of one forward pass, counting registers in the token count.
-
-    Per block with T tokens of width D and MLP ratio r: QKV and output projections
-    4*T*D^2, MLP 2*r*T*D^2, attention scores and weighted sum 2*T^2*D. Patch embedding
-    and the head are added; norms, softmax and GELU are ignored (under 1%).
-    """
-    dim, depth, _ = cfg.dims
-    tokens = cfg.num_patches + 1 + cfg.num_registers
-    per_block = (4 + 2 * cfg.mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
-    patch_embed = cfg.num_patches * 3 * cfg.patch_size**2 * dim
-    head = dim * num_classes
-    return int(depth * per_block + patch_embed + head)
-
-
-def train_flops_per_image(cfg: ModelConfig, num_classes: int) -> int:
-    """Training FLOPs per image: forward 2 FLOPs per MAC, backward twice the forward."""
-    return 6 * forward_macs_per_image(cfg, num_classes)

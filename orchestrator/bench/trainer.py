@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from orchestrator.bench.devices import bench_device, device_name, mfu, peak_flops, synchronize
 from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
-from trainers.model import build_model, train_flops_per_image
+from trainers.cost import train_flops_per_image
+from trainers.model import build_model
 
 NUM_CLASSES = 8
 MATERIALISED_BATCHES = 4  # the plain loop cycles over this many distinct batches
