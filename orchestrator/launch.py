@@ -170,17 +170,19 @@ def report_failures(client: MlflowClient, experiment_id: str, parent_run_id: str
         print(f"Trial {run.info.run_name} failed (MLflow run {run.info.run_id}): {reason}", file=sys.stderr)
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+def init_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process.
+    True when this call did it (and the caller should call ray.shutdown), False if Ray was up."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting at start-up
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def resourced_trainable(spec: Any) -> Any:
@@ -261,7 +263,6 @@ def run_sweep(
     name = launch_name or spec.name
     path = launch_path(spec.storage, name)
     tracking_uri = default_tracking_uri()
-    client = MlflowClient(tracking_uri)
     digest = spec_digest(spec)
     record = read_record(path)
     resumed = bool(record and record.state == "running" and tune.Tuner.can_restore(path))
@@ -282,13 +283,16 @@ def run_sweep(
 
     commit = code_version()
 
-    def open_launch() -> tuple[str, str, LaunchRecord]:
+    def open_launch() -> tuple[MlflowClient, LaunchRecord]:
+        # The first client of a new SQLite store creates its schema (about 2 s): part of
+        # what this thread does while Ray starts.
+        client = MlflowClient(tracking_uri)
         if resumed:
             assert record is not None
             client.update_run(record.parent_run_id, status="RUNNING")
             closed = close_orphans(client, record.experiment_id, record.parent_run_id)
             print(f"Resuming launch {name!r} from {path} (parent run {record.parent_run_id}; {closed} interrupted trial runs)")
-            return record.experiment_id, record.parent_run_id, record
+            return client, record
         if record is not None:
             # Killed before Tune saved anything to restore from: close the old runs, start over.
             abandon_launch(client, record)
@@ -297,17 +301,50 @@ def run_sweep(
         parent_run_id = open_parent_run(client, experiment_id, spec, name, overrides, plan_text, commit)
         fresh = LaunchRecord(parent_run_id, experiment_id, digest, "running")
         write_record(path, fresh)
-        return experiment_id, parent_run_id, fresh
+        return client, fresh
 
     # Ray's start and MLflow's (schema creation on a new store, the parent run) are both
     # seconds of mostly waiting: do them at once. Ray stays on the main thread (signals).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        opening = pool.submit(open_launch)
-        init_ray()
-        experiment_id, parent_run_id, record = opening.result()
+    started_ray = False
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = pool.submit(open_launch)
+            started_ray = init_ray()
+            client, record = opening.result()
+        context = SweepContext(tracking_uri, record.experiment_id, record.parent_run_id, commit)
+        results = fit_launch(spec, plan, context, client, record, path, name, resumed)
+    finally:
+        if started_ray:
+            import ray
 
-    context = SweepContext(tracking_uri, experiment_id, parent_run_id, commit)
-    callback = MlflowTrialBookkeeping(tracking_uri, experiment_id, parent_run_id)
+            # Now rather than at interpreter exit, where Ray's hook first sleeps half a second.
+            ray.shutdown()
+    return SweepOutcome(
+        spec.experiment_name,
+        record.experiment_id,
+        record.parent_run_id,
+        tracking_uri,
+        path,
+        len(results),
+        results.num_errors,
+        resumed,
+    )
+
+
+def fit_launch(
+    spec: Any,
+    plan: Any,
+    context: SweepContext,
+    client: MlflowClient,
+    record: LaunchRecord,
+    path: str,
+    name: str,
+    resumed: bool,
+) -> Any:
+    """Run (or restore and finish) the Tuner; close the MLflow parent run. Tune's ResultGrid."""
+    from ray import tune
+
+    experiment_id, parent_run_id = record.experiment_id, record.parent_run_id
     if resumed:
         tuner = tune.Tuner.restore(
             path,
@@ -318,6 +355,7 @@ def run_sweep(
             resume_errored=False,
         )
     else:
+        callback = MlflowTrialBookkeeping(context.tracking_uri, experiment_id, parent_run_id)
         tuner = build_tuner(spec, plan, context, callback, name)
     try:
         results = tuner.fit()
@@ -330,13 +368,10 @@ def run_sweep(
         print(f"\nSweep interrupted; run the same command again to resume launch {name!r} from {path}", file=sys.stderr)
         raise SystemExit(130)
     close_orphans(client, experiment_id, parent_run_id)  # Tune is done with every trial
-    errored = sum(1 for result in results if result.error is not None)
     report_failures(client, experiment_id, parent_run_id)
-    client.set_tag(parent_run_id, "trials.errored", str(errored))
+    client.set_tag(parent_run_id, "trials.errored", str(results.num_errors))
     client.set_tag(parent_run_id, "trials.total", str(len(results)))
     client.set_terminated(parent_run_id, status="FINISHED")
     record.state = "finished"
     write_record(path, record)
-    return SweepOutcome(
-        spec.experiment_name, experiment_id, parent_run_id, tracking_uri, path, len(results), errored, resumed
-    )
+    return results
