@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.mlflow_uri import DEFAULT_TRACKING_URI
 from orchestrator.spec import SweepSpec, describe_param
 from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.cost import train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Searched keys under these prefixes change a trial's cost, so the estimate holds for the base value only.
 COST_KEYS = ("steps", "optim.batch_size", "model.", "data.num_classes")
 

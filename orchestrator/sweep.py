@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports (Ray, MLflow, torch) only once the spec is known to be good.
     from orchestrator.launch import LaunchFinishedError, run_sweep
     from orchestrator.preflight import PreflightError, run_preflight
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.mlflow_uri import default_tracking_uri
     from orchestrator.tune_state import TuneStateError
 
     tracking_uri = default_tracking_uri()

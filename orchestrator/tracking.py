@@ -10,7 +10,6 @@ logged once, so the history has no gaps and no repeats.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +29,6 @@ CHECKPOINT_TAG = "checkpoint_uri"
 RETRIES_TAG = "retries"  # how many times Tune restarted the trial from its last checkpoint
 AXIS_PREFIX = "axis."
 DIVERGED_PREFIX = "non-finite loss"
-
-
-def default_tracking_uri(cwd: str | Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite file in the working directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

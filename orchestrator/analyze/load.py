@@ -24,8 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
+from orchestrator.mlflow_uri import DEFAULT_TRACKING_URI
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HISTORY_COLUMNS = ["run_id", "key", "step", "value"]
 

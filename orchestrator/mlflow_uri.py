@@ -1,0 +1,21 @@
+"""Where MLflow writes when MLFLOW_TRACKING_URI is not set.
+
+Apart from orchestrator/tracking.py so that the sweep driver can name the store without
+importing MLflow: that import runs in a thread beside Ray's start (orchestrator/launch.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite file in the working directory (absolute, as
+    trials in other processes and directories must find the same file)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"

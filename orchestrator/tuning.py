@@ -1,0 +1,119 @@
+"""The Tune side of a launch: the Tuner built from a spec (or restored), run to the end.
+
+Trials run `orchestrator.trainable.run_trial`; MlflowTrialBookkeeping records what a trial
+cannot (retries, final errors), CheckpointPruner deletes superseded checkpoints.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.checkpoints import CheckpointPruner
+from orchestrator.launches import Launch, LaunchRecord, storage_uri
+from orchestrator.parent_run import abandon_launch, finish_launch
+from orchestrator.plan import SweepPlan
+from orchestrator.search import GridCellSearcher
+from orchestrator.spec import SweepSpec
+from orchestrator.trainable import SweepContext, run_trial, trial_label
+
+
+def resourced_trainable(spec: SweepSpec) -> Any:
+    """run_trial with the spec's per-trial resources: the same for a fresh and a restored Tuner."""
+    return tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str) -> tune.Tuner:
+    trainable = resourced_trainable(spec)
+    param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json"), "sweep": asdict(context)}
+    search_alg, num_samples = None, 1
+    if spec.search is None:
+        param_space["trial"] = tune.grid_search([{"index": t.index, "axes": t.axes} for t in plan.trials])
+    else:
+        space = {key: entry.model_dump() for key, entry in spec.search.space.items()}
+        cells = grid_cells(plan.trials, space)
+        search_alg = GridCellSearcher(
+            cells, space, spec.search.num_samples, spec.search.metric, spec.search.mode, seed=spec.train.seed
+        )
+        num_samples = len(cells) * spec.search.num_samples
+    scheduler = None
+    if spec.scheduler is not None:
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric=spec.scheduler.metric,
+            mode=spec.scheduler.mode,
+            max_t=max(t.config.steps for t in plan.trials),
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=spec.max_concurrent,
+        trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
+        trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
+        # A finished trial's worker runs the next trial (function trainables restart their
+        # training thread with the new config): torch, timm and MLflow are imported once per
+        # slot instead of once per trial. Every trial asks for the same resources, as reuse needs.
+        reuse_actors=True,
+    )
+    bookkeeping = MlflowTrialBookkeeping(context.tracking_uri, context.experiment_id, context.parent_run_id)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_uri(spec.storage),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # Tune keeps every checkpoint; CheckpointPruner deletes superseded ones once no saved
+        # experiment state can point at them (Tune's own num_to_keep deletes too early for a resume).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[bookkeeping, CheckpointPruner(keep=2)],
+        verbose=1,
+    )
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def grid_cells(trials: Sequence[Any], space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Distinct grid assignments (searched keys removed), in plan order."""
+    cells: list[dict[str, Any]] = []
+    for trial in trials:
+        cell = {k: v for k, v in trial.axes.items() if k not in space}
+        if cell not in cells:
+            cells.append(cell)
+    return cells
+
+
+def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tune.ResultGrid:
+    """Run (or restore and finish) the Tuner, then close the MLflow parent run."""
+    if launch.resumed:
+        tuner = tune.Tuner.restore(
+            launch.path,
+            trainable=resourced_trainable(launch.spec),
+            # Errored trials already used up their max_failures retries (or diverged):
+            # their FAILED runs are results, like finished trials, and are not re-run.
+            resume_unfinished=True,
+            resume_errored=False,
+        )
+    else:
+        context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
+        tuner = build_tuner(launch.spec, launch.plan, context, launch.name)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        abandon_launch(client, record)
+        raise
+    if results.num_terminated + results.num_errors < len(results):
+        # Tune turns the first Ctrl+C into a normal return with unfinished trials.
+        abandon_launch(client, record)
+        print(
+            f"\nSweep interrupted; run the same command again to resume launch {launch.name!r} from {launch.path}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
+    finish_launch(client, record, launch.path, len(results), results.num_errors)
+    return results
