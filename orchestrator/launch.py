@@ -111,8 +111,11 @@ def init_ray() -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting at start-up
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        return True
+    # A local Ray starts one idle worker per CPU for the driver's tasks. Tune's trial actors
+    # carry their own runtime_env and never use those, so they only take CPU from the start-up.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    ray.init(include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -6,12 +6,14 @@ cannot (retries, final errors), CheckpointPruner deletes superseded checkpoints.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict
 from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.callbacks import MlflowTrialBookkeeping
@@ -72,7 +74,9 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         # Tune keeps every checkpoint; CheckpointPruner deletes superseded ones once no saved
         # experiment state can point at them (Tune's own num_to_keep deletes too early for a resume).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-        callbacks=[bookkeeping, CheckpointPruner(keep=2)],
+        # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
+        # (see fit_launch); MLflow holds the metrics.
+        callbacks=[bookkeeping, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=1,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
@@ -102,6 +106,9 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
     else:
         context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
         tuner = build_tuner(launch.spec, launch.plan, context, launch.name)
+    # Tune adds its TensorBoardX logger unless told not to; importing it pulls torch and boto3
+    # into the driver (2-3 s of CPU while the first trials start) for event files nobody reads.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     try:
         results = tuner.fit()
     except KeyboardInterrupt:

@@ -49,3 +49,11 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
         assert f"{names.artifact_dir(steps)}/{names.NORMS_FILE}" in files
         assert tags["checkpoint_uri"]
     assert seen == {("0", "2"), ("0", "4"), ("2", "2"), ("2", "4")}
+
+    # Tune's own result files are kept; its TensorBoard logger (which imports torch into the
+    # driver) is not used.
+    trial_dirs = list((tmp_path / "ray_results" / "e2e").glob("trial_*"))
+    assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:
+        assert (trial_dir / "result.json").exists() and (trial_dir / "progress.csv").exists()
+        assert not list(trial_dir.glob("events.out.tfevents*"))
