@@ -140,7 +140,17 @@ def find_launch(
             f"and --set options, or pass --launch NEW_NAME"
         )
     return Launch(
-        spec, plan, plan_text, tuple(overrides), name, path, default_tracking_uri(), code_version(), digest, found, resumed
+        spec=spec,
+        plan=plan,
+        plan_text=plan_text,
+        overrides=tuple(overrides),
+        name=name,
+        path=path,
+        tracking_uri=default_tracking_uri(),
+        commit=code_version(),
+        spec_digest=digest,
+        found=found,
+        resumed=resumed,
     )
 
 
