@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.bench import devices
-from orchestrator.bench.overhead import bench_train_config, sweep_spec
+from orchestrator.bench.overhead import bench_train_config, pair_order, summarize_pairs, sweep_spec
 from orchestrator.bench.timeline import slot_gaps
 from orchestrator.spec import parse_spec
 
@@ -43,18 +43,34 @@ def test_trainer_bench_reports_both_loops_and_skips_packing_on_cpu() -> None:
 
 @pytest.mark.slow
 def test_overhead_bench_runs_the_sweep_and_the_bare_pool(tmp_path) -> None:
-    result = run_bench("overhead", "--trials", "2", "--steps", "10", "--parallel", "2", timeout=900)
+    result = run_bench("overhead", "--trials", "2", "--steps", "10", "--parallel", "2", "--repeat", "2", timeout=900)
     for key in ("sweep_wall_s", "bare_wall_s", "ratio", "trials", "steps"):
         assert key in result
-    assert result["trials"] == 2 and result["steps"] == 10
-    assert result["ratio"] == pytest.approx(result["sweep_wall_s"] / result["bare_wall_s"])
-    assert result["sweep"]["trial_runs"] == 2  # one MLflow child run per trial
+    assert result["trials"] == 2 and result["steps"] == 10 and result["repeat"] == 2
+    assert len(result["ratios"]) == 2 and result["ratio"] == pytest.approx(sum(result["ratios"]) / 2)
+    assert result["sweep"]["trial_runs"] == 2  # one MLflow child run per trial, in each sweep's own store
 
 
 def test_generated_spec_is_a_valid_sweep_of_identical_trials(tmp_path) -> None:
     spec = parse_spec(sweep_spec(bench_train_config(steps=20), trials=3, parallel=2, storage=tmp_path))
     assert spec.seeds == [0, 1, 2] and spec.resources.cpu == 1 and spec.max_concurrent == 2
     assert spec.train.steps == 20 and spec.train.eval_every == 10
+
+
+def test_repeated_pairs_alternate_and_report_medians() -> None:
+    assert [pair_order(i) for i in range(3)] == [("bare", "sweep"), ("sweep", "bare"), ("bare", "sweep")]
+    pairs = [
+        {"bare": {"wall_s": 100.0, "id": 0}, "sweep": {"wall_s": 130.0, "id": 0}},  # 1.30
+        {"bare": {"wall_s": 80.0, "id": 1}, "sweep": {"wall_s": 88.0, "id": 1}},  # 1.10
+        {"bare": {"wall_s": 90.0, "id": 2}, "sweep": {"wall_s": 108.0, "id": 2}},  # 1.20
+    ]
+    summary = summarize_pairs(pairs)
+    assert summary["ratios"] == pytest.approx([1.3, 1.1, 1.2])
+    assert summary["ratio"] == pytest.approx(1.2)  # the median of the ratios, not a ratio of medians
+    assert summary["bare_wall_s"] == 90.0 and summary["sweep_wall_s"] == 108.0
+    assert summary["bare"]["id"] == summary["sweep"]["id"] == 2  # the breakdown of the median pair
+    single = summarize_pairs(pairs[:1])
+    assert single["ratio"] == pytest.approx(1.3) and single["extra_s"] == 30.0
 
 
 def test_slot_gaps_follow_each_slot() -> None:

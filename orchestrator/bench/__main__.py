@@ -15,6 +15,13 @@ import sys
 from typing import Any, Sequence
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.bench", description=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -37,6 +44,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     overhead.add_argument("--seconds", type=float, default=15.0, help="target length of one training")
     overhead.add_argument("--steps", type=int, help="training steps (default: calibrated to --seconds)")
     overhead.add_argument("--parallel", type=int, help="trainings at a time (default: one per CPU core)")
+    overhead.add_argument(
+        "--repeat", type=positive_int, default=1,
+        help="measure N pairs, alternating which side goes first, and report the medians (a noisy machine)",
+    )
     overhead.add_argument("--profile", action="store_true", help="also time imports and Ray start-up alone")
     overhead.add_argument("--keep", action="store_true", help="keep the temporary sweep folder and print it")
     overhead.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -74,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator.bench.overhead import OverheadSettings, format_overhead_result, run_overhead_bench
 
         settings_o = OverheadSettings(
-            trials=args.trials, seconds=args.seconds, steps=args.steps, parallel=args.parallel,
+            trials=args.trials, seconds=args.seconds, steps=args.steps, parallel=args.parallel, repeat=args.repeat,
             profile=args.profile, keep=args.keep,
         )
         result = run_overhead_bench(settings_o)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ class OverheadSettings:
     seconds: float = 15.0
     steps: int | None = None  # None: calibrated so that one training takes about `seconds`
     parallel: int | None = None  # None: one training per CPU core, as the sweep packs cpu: 1 trials
+    repeat: int = 1  # pairs of (bare, sweep), alternating which goes first; medians reported
     profile: bool = False
     keep: bool = False
 
@@ -136,6 +138,7 @@ def sweep_env(workdir: Path) -> dict[str, str]:
 
 
 def run_sweep(cfg: TrainConfig, trials: int, parallel: int, workdir: Path) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(sweep_spec(cfg, trials, parallel, workdir / "ray_results"), sort_keys=False))
     start = time.time()
@@ -174,27 +177,53 @@ def profile_pieces() -> dict[str, float]:
 # ----------------------------------------------------------------- the benchmark
 
 
+def pair_order(index: int) -> tuple[str, str]:
+    """bare then sweep, then sweep then bare, ...: a drift in the machine's speed over the
+    run (other tenants, thermal) favours neither side once there are two pairs."""
+    return ("bare", "sweep") if index % 2 == 0 else ("sweep", "bare")
+
+
+def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the pairs; the breakdown is that of the pair with the median ratio."""
+    ratios = [p["sweep"]["wall_s"] / p["bare"]["wall_s"] for p in pairs]
+    median_pair = pairs[sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]]
+    bare_wall = statistics.median(p["bare"]["wall_s"] for p in pairs)
+    sweep_wall = statistics.median(p["sweep"]["wall_s"] for p in pairs)
+    return {
+        "bare_wall_s": bare_wall,
+        "sweep_wall_s": sweep_wall,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "extra_s": sweep_wall - bare_wall,
+        "bare": median_pair["bare"],
+        "sweep": median_pair["sweep"],
+    }
+
+
 def run_overhead_bench(settings: OverheadSettings) -> dict[str, Any]:
     parallel = settings.parallel or os.cpu_count() or 1
     steps = settings.steps or calibrate_steps(settings.seconds)
     configs = [bench_train_config(steps, seed) for seed in range(settings.trials)]
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        bare = run_bare(configs, parallel)
-        sweep = run_sweep(configs[0], settings.trials, parallel, workdir)
+        pairs: list[dict[str, Any]] = []
+        for index in range(settings.repeat):
+            pair: dict[str, Any] = {}
+            for side in pair_order(index):
+                if side == "bare":
+                    pair["bare"] = run_bare(configs, parallel)
+                else:
+                    pair["sweep"] = run_sweep(configs[0], settings.trials, parallel, workdir / f"sweep-{index}")
+            pairs.append(pair)
         result: dict[str, Any] = {
             "benchmark": "overhead",
             "trials": settings.trials,
             "parallel": parallel,
             "steps": steps,
+            "repeat": settings.repeat,
             "config": configs[0].model_dump(mode="json", exclude={"seed"}),
             "load_avg_1m": os.getloadavg()[0],
-            "bare_wall_s": bare["wall_s"],
-            "sweep_wall_s": sweep["wall_s"],
-            "ratio": sweep["wall_s"] / bare["wall_s"],
-            "extra_s": sweep["wall_s"] - bare["wall_s"],
-            "bare": bare,
-            "sweep": sweep,
+            **summarize_pairs(pairs),
         }
         if settings.profile:
             result["pieces"] = profile_pieces()
@@ -208,11 +237,18 @@ def run_overhead_bench(settings: OverheadSettings) -> dict[str, Any]:
 
 def format_overhead_result(r: dict[str, Any]) -> str:
     b, s = r["bare"], r["sweep"]
+    ratios = r.get("ratios", [])
+    median = " (median)" if len(ratios) > 1 else ""
     lines = [
         f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})",
-        f"bare pool   {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
+        f"bare pool{median}  {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
         f" one training {b['train_s_mean']:.1f} s)",
-        f"sweep       {r['sweep_wall_s']:7.1f} s   ratio {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
+        f"sweep{median}      {r['sweep_wall_s']:7.1f} s   ratio{median} {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
+    ]
+    if median:
+        lines.append("ratio of each pair (bare first, then sweep first, ...): " + ", ".join(f"{x:.2f}" for x in ratios))
+        lines.append("breakdown of the pair with the median ratio:")
+    lines += [
         "where the sweep's time goes:",
         f"  start to MLflow parent run (imports, spec, preflight)   {s['driver_start_s']:6.1f} s",
         f"  parent run to first trial run (Ray, Tune, worker start) {s['to_first_trial_s']:6.1f} s",
