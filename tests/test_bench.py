@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.bench import devices
 from orchestrator.bench.overhead import bench_train_config, pair_order, summarize_pairs, sweep_spec
-from orchestrator.bench.timeline import slot_gaps
+from orchestrator.bench.timeline import median_step_s, slot_gaps
 from orchestrator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +43,13 @@ def test_trainer_bench_reports_both_loops_and_skips_packing_on_cpu() -> None:
 
 @pytest.mark.slow
 def test_overhead_bench_runs_the_sweep_and_the_bare_pool(tmp_path) -> None:
-    result = run_bench("overhead", "--trials", "2", "--steps", "10", "--parallel", "2", "--repeat", "2", timeout=900)
+    result = run_bench("overhead", "--trials", "2", "--steps", "20", "--parallel", "2", "--repeat", "2", timeout=900)
     for key in ("sweep_wall_s", "bare_wall_s", "ratio", "trials", "steps"):
         assert key in result
-    assert result["trials"] == 2 and result["steps"] == 10 and result["repeat"] == 2
+    assert result["trials"] == 2 and result["steps"] == 20 and result["repeat"] == 2
     assert len(result["ratios"]) == 2 and result["ratio"] == pytest.approx(sum(result["ratios"]) / 2)
     assert result["sweep"]["trial_runs"] == 2  # one MLflow child run per trial, in each sweep's own store
+    assert result["sweep"]["step_ms"] > 0 and result["bare"]["step_ms"] > 0  # two log windows each
 
 
 def test_generated_spec_is_a_valid_sweep_of_identical_trials(tmp_path) -> None:
@@ -78,6 +79,14 @@ def test_slot_gaps_follow_each_slot() -> None:
     spans = [(0.0, 10.0), (0.0, 12.0), (11.0, 20.0), (15.0, 25.0)]
     assert sorted(slot_gaps(spans)) == [1.0, 3.0]
     assert slot_gaps([(0.0, 1.0)]) == []
+
+
+def test_training_pace_is_the_median_window() -> None:
+    # 10 steps per window at 0.1 s/step, one window slowed by an evaluation, one of 5 steps.
+    stamps = [(10, 1.0), (20, 2.0), (30, 3.0), (40, 6.0), (50, 7.0), (55, 7.5)]
+    assert median_step_s(stamps) == pytest.approx(0.1)
+    assert median_step_s(list(reversed(stamps))) == pytest.approx(0.1)
+    assert median_step_s([(10, 1.0)]) is None
 
 
 def test_peak_table_prefers_specific_names(monkeypatch) -> None:

@@ -21,12 +21,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
-from orchestrator.bench.timeline import sweep_timeline
+from orchestrator.bench.timeline import median_step_s, sweep_timeline
 from trainers.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from trainers.probes import names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEP_NAME = "bench-overhead"
@@ -82,18 +83,38 @@ def calibrate_steps(seconds: float) -> int:
 # ----------------------------------------------------------------- bare
 
 
-def bare_training(cfg_json: str) -> dict[str, float]:
+class LogClock:
+    """A Tracker that keeps only when each training-loss window was logged: the bare side's
+    training pace, read like the sweep's from MLflow metric timestamps."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[int, float]] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if names.TRAIN_LOSS in metrics:
+            self.stamps.append((step, time.time()))
+
+    def log_files(self, files: Mapping[str, bytes], artifact_dir: str) -> None:
+        pass
+
+
+def bare_training(cfg_json: str) -> dict[str, Any]:
     """One training in a pool worker. Wall-clock stamps, comparable with the sweep's MLflow times."""
     started = time.time()
     import torch
 
     from trainers.loop import Trainer
-    from trainers.tracking import NullTracker
 
     torch.set_num_threads(CPUS_PER_TRIAL)
     imported = time.time()
-    Trainer(TrainConfig.model_validate_json(cfg_json), torch.device("cpu")).fit(NullTracker())
-    return {"start": imported, "end": time.time(), "import_s": imported - started}
+    clock = LogClock()
+    Trainer(TrainConfig.model_validate_json(cfg_json), torch.device("cpu")).fit(clock)
+    return {"start": imported, "end": time.time(), "import_s": imported - started, "step_s": median_step_s(clock.stamps)}
+
+
+def mean_ms(seconds: list[float | None]) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return 1000 * statistics.mean(known) if known else None
 
 
 def run_bare(configs: list[TrainConfig], parallel: int) -> dict[str, Any]:
@@ -109,6 +130,7 @@ def run_bare(configs: list[TrainConfig], parallel: int) -> dict[str, Any]:
         "import_s_max": max(r["import_s"] for r in rows),
         "to_first_training_s": min(r["start"] for r in rows) - start,
         "after_last_training_s": start + wall - max(r["end"] for r in rows),
+        "step_ms": mean_ms([r["step_s"] for r in rows]),
     }
 
 
@@ -235,6 +257,10 @@ def run_overhead_bench(settings: OverheadSettings) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def format_ms(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.1f} ms"
+
+
 def format_overhead_result(r: dict[str, Any]) -> str:
     b, s = r["bare"], r["sweep"]
     ratios = r.get("ratios", [])
@@ -254,6 +280,8 @@ def format_overhead_result(r: dict[str, Any]) -> str:
         f"  parent run to first trial run (Ray, Tune, worker start) {s['to_first_trial_s']:6.1f} s",
         f"  one trial run (training + logging + checkpoints)        {s['trial_s_mean']:6.1f} s"
         f"   (bare: {b['train_s_mean']:.1f} s)",
+        f"  training pace, median ms per step                      {format_ms(s['step_ms'])}"
+        f"   (bare: {format_ms(b['step_ms']).strip()})",
         f"  gap between trials on a slot (mean)                    {s['gap_s_mean']:6.1f} s",
         f"  last trial end to exit (Tune, Ray shutdown)            {s['after_last_trial_s']:6.1f} s",
     ]

@@ -36,6 +36,17 @@ def slot_gaps(spans: list[tuple[float, float]]) -> list[float]:
     return gaps
 
 
+def median_step_s(stamps: list[tuple[int, float]]) -> float | None:
+    """Training pace: the median over log windows of seconds per step. The median leaves out
+    the few windows that also hold an evaluation, a checkpoint or a probe."""
+    stamps = sorted(stamps)
+    per_step = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps, stamps[1:]) if s2 > s1)
+    if not per_step:
+        return None
+    middle = len(per_step) // 2
+    return per_step[middle] if len(per_step) % 2 else (per_step[middle - 1] + per_step[middle]) / 2
+
+
 def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float, parallel: int) -> dict[str, Any]:
     """Phases of one sweep launch in seconds; start and end are the CLI's wall-clock bounds."""
     client = MlflowClient(tracking_uri)
@@ -50,6 +61,11 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         raise RuntimeError(f"the sweep in {tracking_uri} has no finished trial runs")
     gaps = slot_gaps(spans)
     probes = [r.data.metrics[names.PROBE_SECONDS] for r in trials if names.PROBE_SECONDS in r.data.metrics]
+    paces = [
+        median_step_s([(m.step, m.timestamp / 1000) for m in client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)])
+        for r in trials
+    ]
+    paces = [p for p in paces if p is not None]
     parent_start = parent.info.start_time / 1000
     return {
         "driver_start_s": parent_start - start,
@@ -59,6 +75,7 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         "gaps": len(gaps),
         "after_last_trial_s": end - max(e for _, e in spans),
         "probe_s_mean": sum(probes) / len(probes) if probes else None,
+        "step_ms": 1000 * sum(paces) / len(paces) if paces else None,  # mean over trials
         "trial_runs": len(trials),
         "slots": parallel,
     }
