@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from orchestrator.bench.timeline import median_step_s, sweep_timeline
+from orchestrator.bench.timeline import mean_ms, median_step_s, sweep_timeline
 from trainers.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from trainers.probes import names
 
@@ -110,11 +110,6 @@ def bare_training(cfg_json: str) -> dict[str, Any]:
     clock = LogClock()
     Trainer(TrainConfig.model_validate_json(cfg_json), torch.device("cpu")).fit(clock)
     return {"start": imported, "end": time.time(), "import_s": imported - started, "step_s": median_step_s(clock.stamps)}
-
-
-def mean_ms(seconds: list[float | None]) -> float | None:
-    known = [s for s in seconds if s is not None]
-    return 1000 * statistics.mean(known) if known else None
 
 
 def run_bare(configs: list[TrainConfig], parallel: int) -> dict[str, Any]:
@@ -206,7 +201,8 @@ def pair_order(index: int) -> tuple[str, str]:
 
 
 def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the pairs; the breakdown is that of the pair with the median ratio."""
+    """Medians over the pairs. The breakdown is that of the pair with the median ratio (of two
+    middle pairs, the lower), so that it describes one real launch."""
     ratios = [p["sweep"]["wall_s"] / p["bare"]["wall_s"] for p in pairs]
     median_pair = pairs[sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]]
     bare_wall = statistics.median(p["bare"]["wall_s"] for p in pairs)

@@ -9,6 +9,7 @@ trials on one slot (worker start-up again, or actor reuse) and shut-down.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -40,11 +41,14 @@ def median_step_s(stamps: list[tuple[int, float]]) -> float | None:
     """Training pace: the median over log windows of seconds per step. The median leaves out
     the few windows that also hold an evaluation, a checkpoint or a probe."""
     stamps = sorted(stamps)
-    per_step = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps, stamps[1:]) if s2 > s1)
-    if not per_step:
-        return None
-    middle = len(per_step) // 2
-    return per_step[middle] if len(per_step) % 2 else (per_step[middle - 1] + per_step[middle]) / 2
+    per_step = [(t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(stamps, stamps[1:]) if s2 > s1]
+    return statistics.median(per_step) if per_step else None
+
+
+def mean_ms(seconds: list[float | None]) -> float | None:
+    """Mean of the known paces (a training too short for two log windows has none), in ms."""
+    known = [s for s in seconds if s is not None]
+    return 1000 * statistics.mean(known) if known else None
 
 
 def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float, parallel: int) -> dict[str, Any]:
@@ -65,7 +69,6 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         median_step_s([(m.step, m.timestamp / 1000) for m in client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)])
         for r in trials
     ]
-    paces = [p for p in paces if p is not None]
     parent_start = parent.info.start_time / 1000
     return {
         "driver_start_s": parent_start - start,
@@ -75,7 +78,7 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         "gaps": len(gaps),
         "after_last_trial_s": end - max(e for _, e in spans),
         "probe_s_mean": sum(probes) / len(probes) if probes else None,
-        "step_ms": 1000 * sum(paces) / len(paces) if paces else None,  # mean over trials
+        "step_ms": mean_ms(paces),
         "trial_runs": len(trials),
         "slots": parallel,
     }
