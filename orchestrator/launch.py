@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 PACKAGE_DIRS = ("orchestrator", "trainers")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds PACKAGE_DIRS
 
 # Modules that Ray's start (main thread) and the MLflow thread both import, found by
 # tests/test_launch_imports.py for the pinned Ray and MLflow. They are imported before the
@@ -79,20 +80,26 @@ class LaunchFinishedError(RuntimeError):
     """The launch folder holds a finished sweep (or another spec's launch); nothing to resume."""
 
 
-def code_version() -> str:
-    """The git commit, or GIT_COMMIT, or (under `ray job submit`, which ships no .git) a
-    digest of the package sources, so every run names the code it ran."""
+def code_version(project_root: Path = PROJECT_ROOT) -> str:
+    """The git commit of the checkout this code runs from, or GIT_COMMIT, or (under `ray job
+    submit`, which ships no .git) a digest of the package sources, so every run names the code
+    it ran. Looked up beside the packages, not in the working directory: a sweep started from
+    elsewhere would otherwise record another repository's commit, or the digest of no files."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, timeout=5, check=True)
+        return done.stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", *PACKAGE_DIRS], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", *PACKAGE_DIRS) else "")
     except (OSError, subprocess.SubprocessError):
         pass
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     digest = hashlib.sha1()
     for package in PACKAGE_DIRS:
-        for path in sorted(Path(package).rglob("*.py")):
+        for path in sorted((project_root / package).rglob("*.py")):
+            digest.update(path.relative_to(project_root).as_posix().encode())
             digest.update(path.read_bytes())
     return f"src-{digest.hexdigest()[:12]}"
 
