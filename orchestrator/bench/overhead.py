@@ -224,15 +224,11 @@ def run_overhead_bench(settings: OverheadSettings) -> dict[str, Any]:
     configs = [bench_train_config(steps, seed) for seed in range(settings.trials)]
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        pairs: list[dict[str, Any]] = []
-        for index in range(settings.repeat):
-            pair: dict[str, Any] = {}
-            for side in pair_order(index):
-                if side == "bare":
-                    pair["bare"] = run_bare(configs, parallel)
-                else:
-                    pair["sweep"] = run_sweep(configs[0], settings.trials, parallel, workdir / f"sweep-{index}")
-            pairs.append(pair)
+        sides = {
+            "bare": lambda index: run_bare(configs, parallel),
+            "sweep": lambda index: run_sweep(configs[0], settings.trials, parallel, workdir / f"sweep-{index}"),
+        }
+        pairs = [{side: sides[side](index) for side in pair_order(index)} for index in range(settings.repeat)]
         result: dict[str, Any] = {
             "benchmark": "overhead",
             "trials": settings.trials,
