@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE_FILE = "mlflow.db"
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_STORE_FILE}"
 
 
 def default_tracking_uri(cwd: str | Path | None = None) -> str:
@@ -18,4 +19,4 @@ def default_tracking_uri(cwd: str | Path | None = None) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / DEFAULT_STORE_FILE}"
