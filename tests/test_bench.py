@@ -47,7 +47,9 @@ def test_overhead_bench_runs_the_sweep_and_the_bare_pool(tmp_path) -> None:
     for key in ("sweep_wall_s", "bare_wall_s", "ratio", "trials", "steps"):
         assert key in result
     assert result["trials"] == 2 and result["steps"] == 20 and result["repeat"] == 2
-    assert len(result["ratios"]) == 2 and result["ratio"] == pytest.approx(sum(result["ratios"]) / 2)
+    # Of two pairs the lower ratio is the median pair's; its walls give that ratio.
+    assert len(result["ratios"]) == 2 and result["ratio"] == pytest.approx(min(result["ratios"]))
+    assert result["sweep_wall_s"] / result["bare_wall_s"] == pytest.approx(result["ratio"])
     assert result["sweep"]["trial_runs"] == 2  # one MLflow child run per trial, in each sweep's own store
     assert result["sweep"]["step_ms"] > 0 and result["bare"]["step_ms"] > 0  # two log windows each
 
@@ -63,12 +65,14 @@ def test_repeated_pairs_alternate_and_report_medians() -> None:
     pairs = [
         {"bare": {"wall_s": 100.0, "id": 0}, "sweep": {"wall_s": 130.0, "id": 0}},  # 1.30
         {"bare": {"wall_s": 80.0, "id": 1}, "sweep": {"wall_s": 88.0, "id": 1}},  # 1.10
-        {"bare": {"wall_s": 90.0, "id": 2}, "sweep": {"wall_s": 108.0, "id": 2}},  # 1.20
+        {"bare": {"wall_s": 70.0, "id": 2}, "sweep": {"wall_s": 84.0, "id": 2}},  # 1.20
     ]
     summary = summarize_pairs(pairs)
     assert summary["ratios"] == pytest.approx([1.3, 1.1, 1.2])
-    assert summary["ratio"] == pytest.approx(1.2)  # the median of the ratios, not a ratio of medians
-    assert summary["bare_wall_s"] == 90.0 and summary["sweep_wall_s"] == 108.0
+    assert summary["ratio"] == pytest.approx(1.2)  # the median of the ratios, not a ratio of medians (1.10)
+    # The walls come from that same pair, so that walls, ratio and extra seconds agree.
+    assert summary["bare_wall_s"] == 70.0 and summary["sweep_wall_s"] == 84.0 and summary["extra_s"] == 14.0
+    assert summary["bare_walls_s"] == [100.0, 80.0, 70.0] and summary["sweep_walls_s"] == [130.0, 88.0, 84.0]
     assert summary["bare"]["id"] == summary["sweep"]["id"] == 2  # the breakdown of the median pair
     single = summarize_pairs(pairs[:1])
     assert single["ratio"] == pytest.approx(1.3) and single["extra_s"] == 30.0

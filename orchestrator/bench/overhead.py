@@ -1,7 +1,8 @@
 """Orchestration overhead: N short trainings through the sweep against the same N bare.
 
 Bare: a pool of `parallel` fresh (spawned) worker processes runs Trainer.fit with a
-NullTracker, one CPU thread each, as Ray gives a trial with resources cpu: 1. Sweep: the
+tracker that only notes when losses are logged (LogClock), one CPU thread each
+(OMP_NUM_THREADS=1, as Ray sets it for a trial with resources cpu: 1). Sweep: the
 same trainings (same config, seeds 0..N-1) as a generated spec run by
 `python -m orchestrator.sweep` in a subprocess, MLflow logging to a temporary SQLite
 store, probes at the default cadence, `parallel` trials at a time. The ratio of the two
@@ -101,6 +102,8 @@ class LogClock:
 def bare_training(cfg_json: str) -> dict[str, Any]:
     """One training in a pool worker. Wall-clock stamps, comparable with the sweep's MLflow times."""
     started = time.time()
+    # As Ray sets it in a worker for a cpu: 1 actor, before torch sizes its thread pools.
+    os.environ.setdefault("OMP_NUM_THREADS", str(CPUS_PER_TRIAL))
     import torch
 
     from trainers.loop import Trainer
@@ -201,17 +204,20 @@ def pair_order(index: int) -> tuple[str, str]:
 
 
 def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the pairs. The breakdown is that of the pair with the median ratio (of two
-    middle pairs, the lower), so that it describes one real launch."""
+    """The pair with the median ratio (of two middle pairs, the lower) gives the walls and the
+    breakdown, so that the reported walls, ratio and extra seconds describe one real pair. Medians
+    of each side's walls would not: on a drifting machine they come from different pairs, and
+    their ratio can sit far from the median ratio. Every pair's walls are listed too."""
     ratios = [p["sweep"]["wall_s"] / p["bare"]["wall_s"] for p in pairs]
     median_pair = pairs[sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]]
-    bare_wall = statistics.median(p["bare"]["wall_s"] for p in pairs)
-    sweep_wall = statistics.median(p["sweep"]["wall_s"] for p in pairs)
+    bare_wall, sweep_wall = median_pair["bare"]["wall_s"], median_pair["sweep"]["wall_s"]
     return {
         "bare_wall_s": bare_wall,
         "sweep_wall_s": sweep_wall,
-        "ratio": statistics.median(ratios),
+        "ratio": sweep_wall / bare_wall,
         "ratios": ratios,
+        "bare_walls_s": [p["bare"]["wall_s"] for p in pairs],
+        "sweep_walls_s": [p["sweep"]["wall_s"] for p in pairs],
         "extra_s": sweep_wall - bare_wall,
         "bare": median_pair["bare"],
         "sweep": median_pair["sweep"],
@@ -256,16 +262,17 @@ def format_ms(value: float | None) -> str:
 def format_overhead_result(r: dict[str, Any]) -> str:
     b, s = r["bare"], r["sweep"]
     ratios = r.get("ratios", [])
-    median = " (median)" if len(ratios) > 1 else ""
-    lines = [
-        f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})",
-        f"bare pool{median}  {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
+    lines = [f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})"]
+    if len(ratios) > 1:
+        walls = zip(r["bare_walls_s"], r["sweep_walls_s"], ratios)
+        each = ", ".join(f"{bare:.1f}/{sweep:.1f} s = {ratio:.2f}" for bare, sweep, ratio in walls)
+        lines.append(f"{len(ratios)} pairs (bare/sweep wall; bare first, then sweep first, ...): {each}")
+        lines.append("the pair with the median ratio:")
+    lines += [
+        f"bare pool  {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
         f" one training {b['train_s_mean']:.1f} s)",
-        f"sweep{median}      {r['sweep_wall_s']:7.1f} s   ratio{median} {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
+        f"sweep      {r['sweep_wall_s']:7.1f} s   ratio {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
     ]
-    if median:
-        lines.append("ratio of each pair (bare first, then sweep first, ...): " + ", ".join(f"{x:.2f}" for x in ratios))
-        lines.append("breakdown of the pair with the median ratio:")
     lines += [
         "where the sweep's time goes:",
         f"  start to MLflow parent run (imports, spec, preflight)   {s['driver_start_s']:6.1f} s",
