@@ -1,7 +1,7 @@
 """The MLflow side of a launch: its parent run, and the trial runs a crash or Ctrl-C leaves open.
 
 launch.py imports this module in a thread that runs beside Ray's start: importing MLflow
-(about 1 s) and creating a new store's schema (about 2 s) then cost no wall time.
+(1-2 s of CPU) and creating a new store's schema (about 1 s) then overlap with it.
 """
 
 from __future__ import annotations

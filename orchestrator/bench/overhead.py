@@ -207,7 +207,7 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """The pair with the median ratio (of two middle pairs, the lower) gives the walls and the
     breakdown, so that the reported walls, ratio and extra seconds describe one real pair. Medians
     of each side's walls would not: on a drifting machine they come from different pairs, and
-    their ratio can sit far from the median ratio. Every pair's walls are listed too."""
+    their ratio can sit far from the median ratio. Every pair's breakdown is kept too."""
     ratios = [p["sweep"]["wall_s"] / p["bare"]["wall_s"] for p in pairs]
     median_pair = pairs[sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]]
     bare_wall, sweep_wall = median_pair["bare"]["wall_s"], median_pair["sweep"]["wall_s"]
@@ -216,8 +216,7 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "sweep_wall_s": sweep_wall,
         "ratio": sweep_wall / bare_wall,
         "ratios": ratios,
-        "bare_walls_s": [p["bare"]["wall_s"] for p in pairs],
-        "sweep_walls_s": [p["sweep"]["wall_s"] for p in pairs],
+        "pairs": pairs,  # each side's full breakdown, to tell a slow start-up from slow trials
         "extra_s": sweep_wall - bare_wall,
         "bare": median_pair["bare"],
         "sweep": median_pair["sweep"],
@@ -264,9 +263,14 @@ def format_overhead_result(r: dict[str, Any]) -> str:
     ratios = r.get("ratios", [])
     lines = [f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})"]
     if len(ratios) > 1:
-        walls = zip(r["bare_walls_s"], r["sweep_walls_s"], ratios)
-        each = ", ".join(f"{bare:.1f}/{sweep:.1f} s = {ratio:.2f}" for bare, sweep, ratio in walls)
-        lines.append(f"{len(ratios)} pairs (bare/sweep wall; bare first, then sweep first, ...): {each}")
+        lines.append("pair  first   bare s  sweep s  ratio  sweep start-up s  ms/step sweep/bare")
+        for index, pair in enumerate(r["pairs"]):
+            bare, sweep = pair["bare"], pair["sweep"]
+            lines.append(
+                f"{index + 1:4d}  {pair_order(index)[0]:<5} {bare['wall_s']:7.1f}  {sweep['wall_s']:7.1f}  "
+                f"{sweep['wall_s'] / bare['wall_s']:5.2f}  {sweep['driver_start_s'] + sweep['to_first_trial_s']:16.1f}  "
+                f"{format_ms(sweep['step_ms']).strip()} / {format_ms(bare['step_ms']).strip()}"
+            )
         lines.append("the pair with the median ratio:")
     lines += [
         f"bare pool  {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
