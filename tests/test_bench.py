@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from orchestrator.bench import devices
-from orchestrator.bench.overhead import bench_train_config, pair_order, summarize_pairs, sweep_spec
+from orchestrator.bench.overhead import (
+    bench_train_config,
+    format_overhead_result,
+    pair_order,
+    summarize_pairs,
+    sweep_spec,
+)
 from orchestrator.bench.timeline import median_step_s, slot_gaps
 from orchestrator.spec import parse_spec
 
@@ -76,6 +82,26 @@ def test_repeated_pairs_alternate_and_report_medians() -> None:
     assert summary["bare"]["id"] == summary["sweep"]["id"] == 2  # the breakdown of the median pair
     single = summarize_pairs(pairs[:1])
     assert single["ratio"] == pytest.approx(1.3) and single["extra_s"] == 30.0
+
+
+def test_the_report_has_a_row_per_pair_then_the_median_pair() -> None:
+    def side(wall: float, step_ms: float) -> dict:
+        return {
+            "wall_s": wall, "step_ms": step_ms, "to_first_training_s": 5.0, "train_s_mean": 15.0,
+            "driver_start_s": 5.0, "to_first_trial_s": 9.0, "trial_s_mean": 16.0, "gap_s_mean": 0.1,
+            "after_last_trial_s": 1.5,
+        }
+
+    pairs = [
+        {"bare": side(70.0, 75.0), "sweep": side(98.0, 92.0)},
+        {"bare": side(72.0, 76.0), "sweep": side(80.0, 77.0)},
+    ]
+    head = {"trials": 8, "steps": 200, "parallel": 2, "load_avg_1m": 2.0}
+    report = format_overhead_result({**head, **summarize_pairs(pairs)})
+    lines = report.splitlines()
+    assert lines[2].split()[:5] == ["1", "bare", "70.0", "98.0", "1.40"] and "92.0 ms / 75.0 ms" in lines[2]
+    assert lines[3].split()[:5] == ["2", "sweep", "72.0", "80.0", "1.11"]
+    assert "ratio 1.11" in report and "ratio 1.40" not in report  # the lower of two middle pairs
 
 
 def test_slot_gaps_follow_each_slot() -> None:
