@@ -263,11 +263,11 @@ def format_overhead_result(r: dict[str, Any]) -> str:
     lines = [f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})"]
     if len(ratios) > 1:
         lines.append("pair  first   bare s  sweep s  ratio  sweep start-up s  ms/step sweep/bare")
-        for index, pair in enumerate(r["pairs"]):
+        for index, (pair, ratio) in enumerate(zip(r["pairs"], ratios)):
             bare, sweep = pair["bare"], pair["sweep"]
             lines.append(
                 f"{index + 1:4d}  {pair_order(index)[0]:<5} {bare['wall_s']:7.1f}  {sweep['wall_s']:7.1f}  "
-                f"{sweep['wall_s'] / bare['wall_s']:5.2f}  {sweep['driver_start_s'] + sweep['to_first_trial_s']:16.1f}  "
+                f"{ratio:5.2f}  {sweep['driver_start_s'] + sweep['to_first_trial_s']:16.1f}  "
                 f"{format_ms(sweep['step_ms']).strip()} / {format_ms(bare['step_ms']).strip()}"
             )
         lines.append("the pair with the median ratio:")
@@ -275,8 +275,6 @@ def format_overhead_result(r: dict[str, Any]) -> str:
         f"bare pool  {r['bare_wall_s']:7.1f} s   (first training starts after {b['to_first_training_s']:.1f} s,"
         f" one training {b['train_s_mean']:.1f} s)",
         f"sweep      {r['sweep_wall_s']:7.1f} s   ratio {r['ratio']:.2f} ({r['extra_s']:+.1f} s)",
-    ]
-    lines += [
         "where the sweep's time goes:",
         f"  start to MLflow parent run (imports, spec, preflight)   {s['driver_start_s']:6.1f} s",
         f"  parent run to first trial run (Ray, Tune, worker start) {s['to_first_trial_s']:6.1f} s",
