@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     overhead.add_argument("--parallel", type=int, help="trainings at a time (default: one per CPU core)")
     overhead.add_argument(
         "--repeat", type=positive_int, default=1,
-        help="measure N pairs, alternating which side goes first, and report the medians (a noisy machine)",
+        help="measure N pairs, alternating which side goes first; report every pair and the one with the median ratio",
     )
     overhead.add_argument("--profile", action="store_true", help="also time imports and Ray start-up alone")
     overhead.add_argument("--keep", action="store_true", help="keep the temporary sweep folder and print it")

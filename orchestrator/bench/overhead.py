@@ -40,7 +40,7 @@ class OverheadSettings:
     seconds: float = 15.0
     steps: int | None = None  # None: calibrated so that one training takes about `seconds`
     parallel: int | None = None  # None: one training per CPU core, as the sweep packs cpu: 1 trials
-    repeat: int = 1  # pairs of (bare, sweep), alternating which goes first; medians reported
+    repeat: int = 1  # pairs of (bare, sweep), alternating which goes first; the median pair reported
     profile: bool = False
     keep: bool = False
 
@@ -259,7 +259,7 @@ def format_ms(value: float | None) -> str:
 
 def format_overhead_result(r: dict[str, Any]) -> str:
     b, s = r["bare"], r["sweep"]
-    ratios = r.get("ratios", [])
+    ratios = r["ratios"]  # one per pair, from summarize_pairs
     lines = [f"{r['trials']} trainings of {r['steps']} steps, {r['parallel']} at a time (load average {r['load_avg_1m']:.1f})"]
     if len(ratios) > 1:
         lines.append("pair  first   bare s  sweep s  ratio  sweep start-up s  ms/step sweep/bare")
