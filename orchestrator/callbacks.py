@@ -1,25 +1,46 @@
-"""Driver-side Tune callback: the MLflow bookkeeping a trial cannot do for itself.
+"""Driver-side Tune callback: every trial's MLflow run, written from the driver.
 
-A worker killed with SIGKILL or a preempted node cannot close its run. In Ray 2.60 the
-controller calls `on_trial_recover` when it will retry a failed trial (from its last
-checkpoint, in the same MLflow run) and `on_trial_error` only once it gives up
-(`_process_trial_failure` in ray/tune/execution/tune_controller.py). So a retry only
+Trial workers never import MLflow (orchestrator/records.py says why). This callback opens
+or reattaches the trial's one child run when Tune starts the trial, writes the metrics,
+probe files and tags that each checkpoint's report carries, and closes the run.
+
+In Ray 2.60 the controller calls `on_trial_recover` when it will retry a failed trial
+(from its last checkpoint, in the same MLflow run) and `on_trial_error` only once it gives
+up (`_process_trial_failure` in ray/tune/execution/tune_controller.py). So a retry only
 counts up the run's `retries` tag, and only a final error marks the run FAILED with the
 reason. When a trial completes, this records where its final checkpoint lives.
 
 The callback is pickled into the Tuner's state and comes back on `Tuner.restore`, so it
-holds no client across pickling.
+holds no client and no open runs across pickling: a restored callback finds each trial's
+run again by its tags.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from orchestrator.tracking import CHECKPOINT_TAG, FAILURE_TAG, RETRIES_TAG, find_trial_run
+from orchestrator.records import RECORDS_KEY, TrialRecords
+from orchestrator.tracking import CHECKPOINT_TAG, DIVERGED_PREFIX, FAILURE_TAG, RETRIES_TAG, TrialRun, flatten
+from orchestrator.trainable import axis_tags, trial_config, trial_label
+
+# How trainers.loop.NonFiniteLossError reads in the error text Tune keeps for a trial.
+NON_FINITE = re.compile(r"NonFiniteLossError: (.+)")
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """Where a launch's trial runs go, and the code they ran."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str
 
 
 def checkpoint_uri(trial: Trial) -> str | None:
@@ -30,61 +51,92 @@ def checkpoint_uri(trial: Trial) -> str | None:
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
-def last_error_line(trial: Trial) -> str:
+def failure_reason(trial: Trial) -> str:
+    """The last line of the trial's error; a diverged trial's says so with DIVERGED_PREFIX."""
     try:
         error = trial.get_error()
     except Exception:  # the error file may be gone with a lost node
         error = None
     text = str(error).strip() if error else "trial failed (no error text was saved)"
+    diverged = NON_FINITE.findall(text)
+    if diverged:
+        return f"{DIVERGED_PREFIX}: {diverged[-1].strip()}"[:500]
     lines = [line for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else text)[:500]
 
 
-class MlflowTrialBookkeeping(Callback):
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
+class MlflowTrialLogger(Callback):
+    def __init__(self, context: SweepContext) -> None:
+        self.context = context
         self.failed: list[str] = []
         self._client: MlflowClient | None = None
+        self._runs: dict[str, TrialRun] = {}
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = MlflowClient(self.context.tracking_uri)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_runs": {}}
 
-    def _run_id(self, trial: Trial) -> str | None:
-        return find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial.trial_id)
+    def trial_run(self, trial: Trial) -> TrialRun:
+        """The trial's run: opened on first sight, or found again (a retry, a resumed sweep)."""
+        run = self._runs.get(trial.trial_id)
+        if run is not None:
+            return run
+        index, axes = trial.config["trial"]["index"], trial.config["trial"]["axes"]
+        cfg = trial_config(trial.config["train"], axes)
+        run = TrialRun.attach(
+            self.client,
+            experiment_id=self.context.experiment_id,
+            parent_run_id=self.context.parent_run_id,
+            trial_id=trial.trial_id,
+            run_name=trial_label(axes, index),
+            tags={**axis_tags(cfg, axes), "git_commit": self.context.git_commit, "trial_name": str(trial)},
+            params=flatten(cfg.model_dump()),
+        )
+        # A finished run stays as it is: its trial completed just before a driver crash
+        # and only reports its result again. Any other reattached run continues.
+        if run.reattached and run.status != "FINISHED":
+            run.resume()
+        self._runs[trial.trial_id] = run
+        return run
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.trial_run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        # Tune lets callbacks change the result in place before it keeps it as the trial's
+        # last result: the records must not reach Tune's state, result.json or progress.csv.
+        records: TrialRecords | None = result.pop(RECORDS_KEY, None)
+        run = self.trial_run(trial)
+        if records and run.status != "FINISHED":
+            run.log_records(records)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        run_id = self._run_id(trial)
+        run = self.trial_run(trial)
+        if run.status != "FINISHED":
+            run.finish("FINISHED")
         uri = checkpoint_uri(trial)
         # First completion wins: a trial that finished just before a driver crash is
         # reported again on resume, possibly with an older checkpoint from Tune's state.
-        if run_id and uri and CHECKPOINT_TAG not in self.client.get_run(run_id).data.tags:
-            self.client.set_tag(run_id, CHECKPOINT_TAG, uri)
+        if uri and CHECKPOINT_TAG not in run.tags:
+            run.set_tags({CHECKPOINT_TAG: uri})
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        run_id = self._run_id(trial)
-        if run_id is None:  # it failed before opening its run; the retry opens it
-            return
-        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES_TAG, "0"))
-        self.client.set_tag(run_id, RETRIES_TAG, str(retries + 1))
+        run = self.trial_run(trial)
+        run.set_tags({RETRIES_TAG: str(int(run.tags.get(RETRIES_TAG, "0")) + 1)})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.failed.append(trial.trial_id)
-        run_id = self._run_id(trial)
-        if run_id is None:
-            return
-        run = self.client.get_run(run_id)
-        if FAILURE_TAG not in run.data.tags:
-            self.client.set_tag(run_id, FAILURE_TAG, last_error_line(trial))
+        run = self.trial_run(trial)
+        tags = {} if FAILURE_TAG in run.tags else {FAILURE_TAG: failure_reason(trial)}
         uri = checkpoint_uri(trial)
         if uri:
-            self.client.set_tag(run_id, CHECKPOINT_TAG, uri)
-        if run.info.status != "FAILED":
-            self.client.set_terminated(run_id, status="FAILED")
+            tags[CHECKPOINT_TAG] = uri
+        if tags:
+            run.set_tags(tags)
+        if run.status != "FAILED":
+            run.finish("FAILED")

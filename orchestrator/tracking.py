@@ -3,9 +3,10 @@ exactly one nested child run per Tune trial.
 
 The child run is found again by its tags (parent run id + trial id), never by an
 in-memory map, so a retried, restored or resumed trial reattaches to the run it already
-has instead of opening a second one. Metrics are buffered and written in batches when
-the trial checkpoints: after a crash, the steps since the last checkpoint are re-run and
-logged once, so the history has no gaps and no repeats.
+has instead of opening a second one. The driver writes a trial's metrics in batches as
+each checkpoint's report arrives (orchestrator/callbacks.py): after a crash, the steps
+since the last checkpoint are re-run and logged once, so the history has no gaps and no
+repeats.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from orchestrator.records import TrialRecords
 
 ROLE_TAG = "sweep.role"
 SWEEP_TAG = "sweep.name"
@@ -94,9 +97,9 @@ class TrialRun:
         self.status = status  # as found when attaching: FINISHED means a past attempt completed the trial
         self.tags = dict(tags or {})
         self.reattached = reattached  # an earlier attempt (retry, resumed sweep) opened this run
-        # Last step already in the store, per metric key. A crash between writing metrics
-        # and persisting the checkpoint makes the retry measure those steps again; they
-        # are dropped here so that each (key, step) is written once.
+        # Last step already in the store, per metric key. A driver killed between writing a
+        # report's metrics and saving Tune's experiment state makes the resumed trial
+        # measure those steps again; they are dropped here so each (key, step) is written once.
         self._logged_through = dict(logged_through or {})
         self._pending: list[Metric] = []
 
@@ -143,22 +146,33 @@ class TrialRun:
                 (Path(tmp) / name).write_bytes(data)
             self.client.log_artifacts(self.run_id, tmp, artifact_dir)
 
+    def log_records(self, records: TrialRecords) -> None:
+        """Write what a worker reported with one checkpoint (orchestrator/records.py)."""
+        if records.tags:
+            self.set_tags(records.tags)
+        self._pending.extend(
+            Metric(key, value, timestamp, step)
+            for key, value, timestamp, step in records.metrics
+            if step > self._logged_through.get(key, -1)
+        )
+        self.flush()
+        folders: dict[str, dict[str, bytes]] = {}
+        for folder, name, data in records.files:
+            folders.setdefault(folder, {})[name] = data
+        for folder, files in folders.items():
+            self.log_files(files, folder)
+
     def flush(self) -> None:
         """Write buffered metrics in batches (one call per 1000 values, not one per value)."""
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), 1000):
             self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
-
-    def discard(self) -> None:
-        """Drop metrics measured after the last checkpoint: a retry measures them again."""
-        self._pending = []
+        for metric in pending:
+            self._logged_through[metric.key] = max(metric.step, self._logged_through.get(metric.key, -1))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.tags.update({k: str(v) for k, v in tags.items()})
-
-    def latest_metrics(self) -> dict[str, float]:
-        return dict(self.client.get_run(self.run_id).data.metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()

@@ -1,52 +1,34 @@
 """The Ray Tune trainable: a thin adapter between Tune's config dict and trainers/.
 
-It builds the typed TrainConfig, reattaches to (or opens) the trial's one MLflow run,
-restores the checkpoint Tune hands back after a failure or a resumed sweep, runs the
-loop, and reports to Tune at every checkpoint point. A diverged trial marks its run
-FAILED with the reason; Tune's retries of it stop at once.
+It builds the typed TrainConfig, restores the checkpoint Tune hands back after a failure
+or a resumed sweep, runs the loop, and reports to Tune at every checkpoint point. It never
+touches MLflow: what the trial measures rides along with each report (orchestrator/records.py)
+and the driver's callback writes it to the trial's one MLflow run (orchestrator/callbacks.py).
+Workers therefore import no MLflow; tests/test_launch_imports.py checks it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.overrides import set_dotted
-from orchestrator.tracking import DIVERGED_PREFIX, FAILURE_TAG, TrialRun, flatten
+from orchestrator.records import RECORDS_KEY, RESTORED_TAG, WORKER_HOST_TAG, WORKER_PID_TAG, RecordBuffer
 from trainers.config import TrainConfig
-from trainers.probes import names
 
-# Tune config layout, written by orchestrator/launch.py:
-#   {"train": <base TrainConfig as a dict>, "trial": {"index": i, "axes": {dotted.path: value}},
-#    "sweep": <SweepContext fields>}
+# Tune config layout, written by orchestrator/tuning.py:
+#   {"train": <base TrainConfig as a dict>, "trial": {"index": i, "axes": {dotted.path: value}}}
 
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial must know about its sweep (travels inside Tune's config)."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    git_commit: str
-
-
-# Where the current attempt runs (to find it on a cluster) and the step its checkpoint
-# restored, if any: what a retry or a resumed sweep continued from.
-WORKER_PID_TAG = "worker.pid"
-WORKER_HOST_TAG = "worker.host"
-RESTORED_TAG = "restored_from_step"
-
-
-class TrialDivergedError(RuntimeError):
-    """A retry of a trial that already diverged: the loss will be non-finite again, so stop."""
+# Beside the model state in every checkpoint: the metrics reported with it, reported again
+# when a restored trial turns out to be complete.
+REPORTED_METRICS_FILE = "reported_metrics.json"
 
 
 def trial_config(base: Mapping[str, Any], axes: Mapping[str, Any]) -> TrainConfig:
@@ -90,65 +72,34 @@ def trial_device() -> Any:
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
-def report_finished(run: TrialRun, steps: int) -> None:
-    latest = run.latest_metrics()
-    tune.report({key: latest[key] for key in (names.VAL_LOSS, names.VAL_TOP1) if key in latest} | {"step": steps})
-
-
 def run_trial(config: dict[str, Any]) -> None:
     # torch and timm load here, in the trial's worker, not in the driver that only pickles this function.
-    from trainers.loop import NonFiniteLossError, Trainer
+    from trainers.loop import Trainer
 
-    sweep = SweepContext(**config["sweep"])
-    index, axes = config["trial"]["index"], config["trial"]["axes"]
-    cfg = trial_config(config["train"], axes)
-    context = tune.get_context()
-    run = TrialRun.attach(
-        MlflowClient(sweep.tracking_uri),
-        experiment_id=sweep.experiment_id,
-        parent_run_id=sweep.parent_run_id,
-        trial_id=context.get_trial_id(),
-        run_name=trial_label(axes, index),
-        tags={**axis_tags(cfg, axes), "git_commit": sweep.git_commit, "trial_name": context.get_trial_name()},
-        params=flatten(cfg.model_dump()),
-    )
-    if run.status == "FINISHED":
-        # An earlier attempt completed the trial, but the driver was killed before Tune's
-        # experiment state recorded it: report its result again instead of re-training.
-        report_finished(run, cfg.steps)
-        return
-    reason = run.failure_reason()
-    if reason and reason.startswith(DIVERGED_PREFIX):
-        # Retrying from the last checkpoint would hit the same non-finite loss.
-        raise TrialDivergedError(reason)
-    if run.reattached:
-        run.resume()
-
-    run.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
-
+    cfg = trial_config(config["train"], config["trial"]["axes"])
+    records = RecordBuffer()
+    records.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
     trainer = Trainer(cfg, trial_device())
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
-        run.set_tags({RESTORED_TAG: str(trainer.step)})
+            reported = Path(directory, REPORTED_METRICS_FILE)
+            last_metrics = json.loads(reported.read_text()) if reported.exists() else {}
+        records.set_tags({RESTORED_TAG: str(trainer.step)})
+        if trainer.step >= cfg.steps:
+            # The trial had finished, but the driver was killed before Tune's experiment
+            # state recorded it: report its result again instead of re-training.
+            tune.report({**last_metrics, "step": trainer.step, RECORDS_KEY: records.take()})
+            return
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
-        # Flush before the checkpoint is persisted: a crash in between makes the retry
-        # measure those steps again (TrialRun drops the ones already stored) rather
-        # than lose them.
-        run.flush()
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)
-            tune.report({**metrics, "step": step}, checkpoint=tune.Checkpoint.from_directory(directory))
+            Path(directory, REPORTED_METRICS_FILE).write_text(json.dumps(metrics))
+            report = {**metrics, "step": step, RECORDS_KEY: records.take()}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    try:
-        trainer.fit(run, on_checkpoint)
-    except NonFiniteLossError as error:
-        run.set_tags({FAILURE_TAG: f"{DIVERGED_PREFIX}: {error}"})
-        run.finish("FAILED")
-        raise
-    except BaseException:
-        run.discard()  # the retry measures these steps again from the last checkpoint
-        raise
-    run.finish("FINISHED")
+    # A NonFiniteLossError ends the attempt like any error; the driver's callback records
+    # the reason when Tune gives up on the trial.
+    trainer.fit(records, on_checkpoint)

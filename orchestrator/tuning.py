@@ -1,14 +1,14 @@
 """The Tune side of a launch: the Tuner built from a spec (or restored), run to the end.
 
-Trials run `orchestrator.trainable.run_trial`; MlflowTrialBookkeeping records what a trial
-cannot (retries, final errors), CheckpointPruner deletes superseded checkpoints.
+Trials run `orchestrator.trainable.run_trial`; MlflowTrialLogger writes each trial's MLflow
+run from the driver (what the trials report, retries, final errors), CheckpointPruner
+deletes superseded checkpoints.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict
 from typing import Any, Sequence
 
 from mlflow.tracking import MlflowClient
@@ -16,14 +16,14 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.callbacks import MlflowTrialLogger, SweepContext
 from orchestrator.checkpoints import CheckpointPruner
 from orchestrator.launches import Launch, LaunchRecord, storage_uri
 from orchestrator.parent_run import abandon_launch, finish_launch
 from orchestrator.plan import SweepPlan
 from orchestrator.search import GridCellSearcher
 from orchestrator.spec import SweepSpec
-from orchestrator.trainable import SweepContext, run_trial, trial_label
+from orchestrator.trainable import run_trial, trial_label
 
 
 def resourced_trainable(spec: SweepSpec) -> Any:
@@ -33,7 +33,7 @@ def resourced_trainable(spec: SweepSpec) -> Any:
 
 def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str) -> tune.Tuner:
     trainable = resourced_trainable(spec)
-    param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json"), "sweep": asdict(context)}
+    param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json")}
     search_alg, num_samples = None, 1
     if spec.search is None:
         param_space["trial"] = tune.grid_search([{"index": t.index, "axes": t.axes} for t in plan.trials])
@@ -62,11 +62,13 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
         trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
         # A finished trial's worker runs the next trial (function trainables restart their
-        # training thread with the new config): torch, timm and MLflow are imported once per
+        # training thread with the new config): torch and timm are imported once per
         # slot instead of once per trial. Every trial asks for the same resources, as reuse needs.
         reuse_actors=True,
     )
-    bookkeeping = MlflowTrialBookkeeping(context.tracking_uri, context.experiment_id, context.parent_run_id)
+    # First among the callbacks: it takes the MLflow records out of each result before
+    # the CSV and JSON loggers see it.
+    mlflow_logger = MlflowTrialLogger(context)
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage_uri(spec.storage),
@@ -76,7 +78,7 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
         # (see fit_launch); MLflow holds the metrics.
-        callbacks=[bookkeeping, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
+        callbacks=[mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=1,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

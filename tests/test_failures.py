@@ -23,7 +23,8 @@ from crash_helpers import (
     trial_runs,
     wait_for_store,
 )
-from orchestrator.callbacks import MlflowTrialBookkeeping
+from orchestrator.callbacks import MlflowTrialLogger, SweepContext
+from orchestrator.records import RECORDS_KEY, RecordBuffer
 from orchestrator.tracking import TrialRun, get_or_create_experiment
 from sweep_helpers import tiny_spec, write_spec
 from trainers.probes import names
@@ -60,12 +61,19 @@ def test_reattached_run_writes_each_step_once(tmp_path: Path) -> None:
     assert open_trial_run(client, experiment_id, "t2").run_id != first.run_id
 
 
+def unit_trial(trial_id: str, error: str) -> SimpleNamespace:
+    """What the callback reads of a Tune Trial."""
+    config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {"optim.lr": GOOD_LR}}}
+    return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=None, get_error=lambda: error)
+
+
 def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
     client = store_client(tmp_path)
     experiment_id = get_or_create_experiment(client, "units")
     run = open_trial_run(client, experiment_id)
-    callback = MlflowTrialBookkeeping(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent")
-    trial = SimpleNamespace(trial_id="t1", checkpoint=None, get_error=lambda: "Traceback\nRayActorError: worker died")
+    context = SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc123")
+    callback = MlflowTrialLogger(context)
+    trial = unit_trial("t1", "Traceback\nRayActorError: worker died")
 
     callback.on_trial_recover(0, [], trial)
     callback.on_trial_recover(0, [], trial)
@@ -78,6 +86,52 @@ def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
     state = client.get_run(run.run_id)
     assert state.info.status == "FAILED"
     assert state.data.tags["failure_reason"] == "RayActorError: worker died"
+    assert state.data.tags["retries"] == "2"
+
+
+def test_callback_writes_reported_records_once_and_keeps_them_out_of_the_result(tmp_path: Path) -> None:
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
+    trial = unit_trial("t7", "")
+    callback.on_trial_start(0, [], trial)
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.status == "RUNNING" and run.data.tags["git_commit"] == "abc"
+    assert run.data.tags["trial_id"] == "t7" and run.data.params["optim.lr"] == str(GOOD_LR)
+
+    def report(steps: list[int]) -> dict[str, Any]:
+        buffer = RecordBuffer()
+        buffer.set_tags({"worker.pid": "42"})
+        for step in steps:
+            buffer.log_metrics({names.TRAIN_LOSS: 1.0 / step}, step)
+        buffer.log_files({"table.json": b"{}"}, names.artifact_dir(steps[-1]))
+        return {"step": steps[-1], RECORDS_KEY: buffer.take()}
+
+    first = report([5, 10])
+    callback.on_trial_result(0, [], trial, first)
+    assert RECORDS_KEY not in first
+    # A resumed trial restored from an older checkpoint measures step 10 again.
+    callback = pickle.loads(pickle.dumps(callback))
+    callback.on_trial_result(0, [], trial, report([10, 15]))
+    callback.on_trial_complete(0, [], trial)
+
+    state = client.get_run(run.info.run_id)
+    assert state.info.status == "FINISHED" and state.data.tags["worker.pid"] == "42"
+    assert train_loss_steps(client, run.info.run_id) == [5, 10, 15]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, names.artifact_dir(15))}
+    assert artifacts == {f"{names.artifact_dir(15)}/table.json"}
+
+
+def test_diverged_trial_gets_the_reason_from_its_error(tmp_path: Path) -> None:
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
+    error = "ray.exceptions.RayTaskError(NonFiniteLossError): ray::ImplicitFunc.train()\n  File x\n" \
+        "trainers.loop.NonFiniteLossError: loss became non-finite at step 3"
+    callback.on_trial_error(0, [], unit_trial("t9", error))
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "non-finite loss: loss became non-finite at step 3"
 
 
 # ------------------------------------------------------- a real sweep, slow
