@@ -85,22 +85,23 @@ def test_repeated_pairs_alternate_and_report_medians() -> None:
 
 
 def test_the_report_has_a_row_per_pair_then_the_median_pair() -> None:
-    def side(wall: float, step_ms: float) -> dict:
+    def side(wall: float, step_ms: float, first_log: float | None) -> dict:
         return {
-            "wall_s": wall, "step_ms": step_ms, "to_first_training_s": 5.0, "train_s_mean": 15.0,
-            "driver_start_s": 5.0, "to_first_trial_s": 9.0, "trial_s_mean": 16.0, "gap_s_mean": 0.1,
-            "after_last_trial_s": 1.5,
+            "wall_s": wall, "step_ms": step_ms, "to_first_training_s": 5.0, "to_first_log_s": first_log,
+            "train_s_mean": 15.0, "driver_start_s": 5.0, "to_first_trial_s": 9.0, "trial_s_mean": 16.0,
+            "gap_s_mean": 0.1, "after_last_trial_s": 1.5,
         }
 
     pairs = [
-        {"bare": side(70.0, 75.0), "sweep": side(98.0, 92.0)},
-        {"bare": side(72.0, 76.0), "sweep": side(80.0, 77.0)},
+        {"bare": side(70.0, 75.0, 6.2), "sweep": side(98.0, 92.0, 14.5)},
+        {"bare": side(72.0, 76.0, 6.0), "sweep": side(80.0, 77.0, None)},
     ]
-    head = {"trials": 8, "steps": 200, "parallel": 2, "load_avg_1m": 2.0}
+    head = {"trials": 8, "steps": 200, "parallel": 2, "load_avg_1m": 2.0, "config": {"log_every": 10}}
     report = format_overhead_result({**head, **summarize_pairs(pairs)})
     lines = report.splitlines()
     assert lines[2].split()[:5] == ["1", "bare", "70.0", "98.0", "1.40"] and "92.0 ms / 75.0 ms" in lines[2]
-    assert lines[3].split()[:5] == ["2", "sweep", "72.0", "80.0", "1.11"]
+    assert "14.5 / 6.2" in lines[2]  # start to the first training-loss window, sweep / bare
+    assert lines[3].split()[:5] == ["2", "sweep", "72.0", "80.0", "1.11"] and "n/a / 6.0" in lines[3]
     assert "ratio 1.11" in report and "ratio 1.40" not in report  # the lower of two middle pairs
 
 

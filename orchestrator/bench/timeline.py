@@ -1,10 +1,11 @@
 """Where a finished sweep's wall time went, read back from its MLflow runs.
 
 The parent run is created once the driver has imported everything and passed preflight;
-each trial's run is created when its worker has started, imported the trainer and
-attached to MLflow, and is closed when the trial has trained, logged and checkpointed.
-So the run timestamps cut the sweep's wall time into start-up, trials, gaps between
-trials on one slot (worker start-up again, or actor reuse) and shut-down.
+each trial's run is created by the driver when Tune has started the trial's actor (a new
+worker process, or a reused one), and is closed when the trial has trained, logged and
+checkpointed. So the run timestamps cut the sweep's wall time into start-up, trials, gaps
+between trials on one slot and shut-down. The metrics keep the time the worker measured
+them: the first training-loss window marks when training really began, as in the bare pool.
 """
 
 from __future__ import annotations
@@ -65,14 +66,17 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         raise RuntimeError(f"the sweep in {tracking_uri} has no finished trial runs")
     gaps = slot_gaps(spans)
     probes = [r.data.metrics[names.PROBE_SECONDS] for r in trials if names.PROBE_SECONDS in r.data.metrics]
-    paces = [
-        median_step_s([(m.step, m.timestamp / 1000) for m in client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)])
+    losses = [
+        [(m.step, m.timestamp / 1000) for m in client.get_metric_history(r.info.run_id, names.TRAIN_LOSS)]
         for r in trials
     ]
+    paces = [median_step_s(stamps) for stamps in losses]
+    first_log = min((t for stamps in losses for _, t in stamps), default=None)
     parent_start = parent.info.start_time / 1000
     return {
         "driver_start_s": parent_start - start,
         "to_first_trial_s": min(s for s, _ in spans) - parent_start,
+        "to_first_log_s": None if first_log is None else first_log - start,
         "trial_s_mean": sum(e - s for s, e in spans) / len(spans),
         "gap_s_mean": sum(gaps) / len(gaps) if gaps else 0.0,
         "gaps": len(gaps),
