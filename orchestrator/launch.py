@@ -9,10 +9,11 @@ What a resume does (checked against Ray 2.60): first tune_state.ensure_restorabl
 that Tune's saved state files load (a crash can tear them). Tune's experiment state, saved at most
 every ~10 s, brings back the trials with their ids, statuses and last checkpoints; the
 Tuner's pickled state brings back the searcher, scheduler and our callback. Trials that
-were running restart from their last checkpoint and reattach to their MLflow run by the
-trial id tag (metrics already in the store are not written twice). A trial that finished
-after the last state save restarts, finds its run FINISHED and only reports its result
-again. Errored trials stay errored.
+were running restart from their last checkpoint; the driver's callback finds their MLflow
+runs again by the trial id tag (metrics already in the store are not written twice). A
+trial that finished after the last state save restarts: from its final checkpoint it only
+reports its result again; its run, found FINISHED, is left as it was. Errored trials stay
+errored.
 
 Start-up order, for speed: this module imports Ray and Tune but not MLflow. Ray's start is
 seconds of waiting on its processes, so a thread meanwhile imports MLflow, sets up the

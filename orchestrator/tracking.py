@@ -1,8 +1,8 @@
 """MLflow layout of a sweep (see DESIGN.md): experiment per sweep, parent run per launch,
 exactly one nested child run per Tune trial.
 
-The child run is found again by its tags (parent run id + trial id), never by an
-in-memory map, so a retried, restored or resumed trial reattaches to the run it already
+The child run is found again by its tags (parent run id + trial id), not by a map that a
+crash would lose, so a retried, restored or resumed trial reattaches to the run it already
 has instead of opening a second one. The driver writes a trial's metrics in batches as
 each checkpoint's report arrives (orchestrator/callbacks.py): after a crash, the steps
 since the last checkpoint are re-run and logged once, so the history has no gaps and no

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.records import RECORDS_KEY
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
 from trainers.probes import names
 
@@ -57,3 +58,6 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
     for trial_dir in trial_dirs:
         assert (trial_dir / "result.json").exists() and (trial_dir / "progress.csv").exists()
         assert not list(trial_dir.glob("events.out.tfevents*"))
+        # The MLflow records that rode along with each report were taken out before Tune kept the result.
+        for name in ("result.json", "progress.csv"):
+            assert RECORDS_KEY not in (trial_dir / name).read_text()
