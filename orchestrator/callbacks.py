@@ -10,6 +10,11 @@ up (`_process_trial_failure` in ray/tune/execution/tune_controller.py). So a ret
 counts up the run's `retries` tag, and only a final error marks the run FAILED with the
 reason. When a trial completes, this records where its final checkpoint lives.
 
+Tune retries every error alike and has no hook to skip a retry. A diverged trial would
+train again from its last checkpoint and diverge again, up to `max_failures` times, so
+`on_trial_recover` writes the divergence into the trial's config, which Tune hands to the
+retry's worker: the retry fails at once (orchestrator/trainable.py, DIVERGED_KEY).
+
 The callback is pickled into the Tuner's state and comes back on `Tuner.restore`, so it
 holds no client and no open runs across pickling: a restored callback finds each trial's
 run again by its tags.
@@ -17,8 +22,10 @@ run again by its tags.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -27,10 +34,12 @@ from ray.tune.experiment import Trial
 
 from orchestrator.records import RECORDS_KEY, TrialRecords
 from orchestrator.tracking import CHECKPOINT_TAG, DIVERGED_PREFIX, FAILURE_TAG, RETRIES_TAG, TrialRun, flatten
-from orchestrator.trainable import axis_tags, trial_config, trial_label
+from orchestrator.trainable import DIVERGED_KEY, axis_tags, trial_config, trial_label
 
 # How trainers.loop.NonFiniteLossError reads in the error text Tune keeps for a trial.
 NON_FINITE = re.compile(r"NonFiniteLossError: (.+)")
+# Tune's error file holds every failure of a trial, each under a header like this one.
+FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at [^)\n]*\)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -51,16 +60,40 @@ def checkpoint_uri(trial: Trial) -> str | None:
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
+def error_text(trial: Trial) -> str:
+    """The trial's latest error, as Tune wrote it.
+
+    Tune appends each failure to the error file in the driver's staging folder before it
+    calls the callbacks, and copies that file to the trial's storage only later; so the
+    staged file is read first, and `get_error()` (storage) is the fallback.
+    """
+    text = None
+    staged = trial.error_file
+    if staged and os.path.exists(staged):
+        text = Path(staged).read_text(errors="replace")
+    else:
+        try:
+            text = trial.get_error()
+        except Exception:  # the error file may be gone with a lost node
+            text = None
+    if not text or not str(text).strip():
+        return "trial failed (no error text was saved)"
+    latest = FAILURE_HEADER.split(str(text))[-1].strip()
+    return latest or str(text).strip()
+
+
+def diverged_message(text: str) -> str | None:
+    """The NonFiniteLossError's message in a trial's error text, or None for other errors."""
+    found = NON_FINITE.findall(text)
+    return found[-1].strip() if found else None
+
+
 def failure_reason(trial: Trial) -> str:
     """The last line of the trial's error; a diverged trial's says so with DIVERGED_PREFIX."""
-    try:
-        error = trial.get_error()
-    except Exception:  # the error file may be gone with a lost node
-        error = None
-    text = str(error).strip() if error else "trial failed (no error text was saved)"
-    diverged = NON_FINITE.findall(text)
+    text = error_text(trial)
+    diverged = diverged_message(text)
     if diverged:
-        return f"{DIVERGED_PREFIX}: {diverged[-1].strip()}"[:500]
+        return f"{DIVERGED_PREFIX}: {diverged}"[:500]
     lines = [line for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else text)[:500]
 
@@ -126,6 +159,11 @@ class MlflowTrialLogger(Callback):
             run.set_tags({CHECKPOINT_TAG: uri})
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        diverged = diverged_message(error_text(trial))
+        if diverged and DIVERGED_KEY not in trial.config["trial"]:
+            # Tune builds the retry's config from trial.config. set_config also refreshes the
+            # trial's saved state, so a resumed sweep does not train the trial again either.
+            trial.set_config({**trial.config, "trial": {**trial.config["trial"], DIVERGED_KEY: diverged}})
         run = self.trial_run(trial)
         run.set_tags({RETRIES_TAG: str(int(run.tags.get(RETRIES_TAG, "0")) + 1)})
 

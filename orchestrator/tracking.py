@@ -118,7 +118,7 @@ class TrialRun:
         """Reattach to this trial's run if it has one, else create it (exactly one per trial).
 
         A reattached run keeps its status until `resume()`: the caller first decides
-        whether there is anything left to do (a finished or diverged trial).
+        whether there is anything left to do (a trial that already finished).
         """
         run_id = find_trial_run(client, experiment_id, parent_run_id, trial_id)
         if run_id is not None:

@@ -25,6 +25,9 @@ from trainers.config import TrainConfig
 
 # Tune config layout, written by orchestrator/tuning.py:
 #   {"train": <base TrainConfig as a dict>, "trial": {"index": i, "axes": {dotted.path: value}}}
+# After an attempt diverged, the driver's callback adds the error's message under
+# "trial" -> DIVERGED_KEY before Tune retries the trial (orchestrator/callbacks.py).
+DIVERGED_KEY = "diverged"
 
 # Beside the model state in every checkpoint: the metrics reported with it, reported again
 # when a restored trial turns out to be complete.
@@ -74,7 +77,13 @@ def trial_device() -> Any:
 
 def run_trial(config: dict[str, Any]) -> None:
     # torch and timm load here, in the trial's worker, not in the driver that only pickles this function.
-    from trainers.loop import Trainer
+    from trainers.loop import NonFiniteLossError, Trainer
+
+    diverged = config["trial"].get(DIVERGED_KEY)
+    if diverged:
+        # Same seed, same data: training again from the last checkpoint would diverge at
+        # the same step. Tune's remaining retries end here, before a model is built.
+        raise NonFiniteLossError(f"{diverged} (in an earlier attempt; not trained again)")
 
     cfg = trial_config(config["train"], config["trial"]["axes"])
     records = RecordBuffer()
@@ -100,6 +109,6 @@ def run_trial(config: dict[str, Any]) -> None:
             report = {**metrics, "step": step, RECORDS_KEY: records.take()}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    # A NonFiniteLossError ends the attempt like any error; the driver's callback records
-    # the reason when Tune gives up on the trial.
+    # A NonFiniteLossError ends the attempt like any error; the driver's callback marks the
+    # trial diverged so that its retries stop at once, and records the reason.
     trainer.fit(records, on_checkpoint)

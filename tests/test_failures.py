@@ -3,6 +3,7 @@ checkpoint; a diverging trial ends FAILED with the reason and the sweep goes on.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import signal
@@ -23,10 +24,12 @@ from crash_helpers import (
     trial_runs,
     wait_for_store,
 )
-from orchestrator.callbacks import MlflowTrialLogger, SweepContext
+from orchestrator.callbacks import MlflowTrialLogger, SweepContext, diverged_message, error_text, failure_reason
 from orchestrator.records import RECORDS_KEY, RecordBuffer
+from orchestrator.trainable import DIVERGED_KEY, run_trial
 from orchestrator.tracking import TrialRun, get_or_create_experiment
 from sweep_helpers import tiny_spec, write_spec
+from trainers.loop import NonFiniteLossError
 from trainers.probes import names
 
 STEPS, LOG_EVERY, EVAL_EVERY = 60, 5, 10
@@ -61,10 +64,27 @@ def test_reattached_run_writes_each_step_once(tmp_path: Path) -> None:
     assert open_trial_run(client, experiment_id, "t2").run_id != first.run_id
 
 
-def unit_trial(trial_id: str, error: str) -> SimpleNamespace:
-    """What the callback reads of a Tune Trial."""
-    config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {"optim.lr": GOOD_LR}}}
-    return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=None, get_error=lambda: error)
+class UnitTrial(SimpleNamespace):
+    """What the callback reads and sets of a Tune Trial."""
+
+    def __init__(self, trial_id: str, error: str) -> None:
+        config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {"optim.lr": GOOD_LR}}}
+        super().__init__(trial_id=trial_id, config=config, checkpoint=None, error=error, error_file=None)
+
+    def get_error(self) -> str:
+        return self.error
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+
+def unit_trial(trial_id: str, error: str) -> UnitTrial:
+    return UnitTrial(trial_id, error)
+
+
+def ray_error(exception: str) -> str:
+    """A trial's error text as Tune keeps it: the worker's traceback, the exception last."""
+    return f"ray.exceptions.RayTaskError: ray::ImplicitFunc.train()\n  File x\ntrainers.loop.{exception}"
 
 
 def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
@@ -80,6 +100,7 @@ def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
     state = client.get_run(run.run_id)
     assert state.info.status == "RUNNING" and state.data.tags["retries"] == "2"
     assert "failure_reason" not in state.data.tags
+    assert DIVERGED_KEY not in trial.config["trial"]  # a lost worker is retried in full
 
     callback = pickle.loads(pickle.dumps(callback))  # as Tuner.restore brings it back
     callback.on_trial_error(0, [], trial)
@@ -126,12 +147,48 @@ def test_diverged_trial_gets_the_reason_from_its_error(tmp_path: Path) -> None:
     client = store_client(tmp_path)
     experiment_id = get_or_create_experiment(client, "units")
     callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
-    error = "ray.exceptions.RayTaskError(NonFiniteLossError): ray::ImplicitFunc.train()\n  File x\n" \
-        "trainers.loop.NonFiniteLossError: loss became non-finite at step 3"
-    callback.on_trial_error(0, [], unit_trial("t9", error))
+    callback.on_trial_error(0, [], unit_trial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3")))
     (run,) = client.search_runs([experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "non-finite loss: loss became non-finite at step 3"
+
+
+def test_reason_comes_from_the_latest_failure_in_the_staged_error_file(tmp_path: Path) -> None:
+    trial = unit_trial("t3", "stale copy in storage")
+    trial.error_file = str(tmp_path / "error.txt")
+    Path(trial.error_file).write_text(
+        "Failure # 1 (occurred at 2026-11-24_14-59-48)\n" + ray_error("NonFiniteLossError: at step 3") + "\n"
+        "Failure # 2 (occurred at 2026-11-24_14-59-54)\nThe actor died unexpectedly before finishing this task.\n"
+    )
+    assert failure_reason(trial) == "The actor died unexpectedly before finishing this task."
+    assert diverged_message(error_text(trial)) is None  # the latest failure was not a divergence
+    Path(trial.error_file).unlink()
+    assert failure_reason(trial) == "stale copy in storage"
+
+
+def test_diverged_trial_is_retried_without_training_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
+    trial = unit_trial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3"))
+    callback.on_trial_recover(0, [], trial)  # Tune will retry: the retry's config says why not to train
+    assert trial.config["trial"][DIVERGED_KEY] == "loss became non-finite at step 3"
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a diverged trial's retry built a Trainer")
+
+    monkeypatch.setattr("trainers.loop.Trainer", no_training)
+    with pytest.raises(NonFiniteLossError) as retry:
+        run_trial(copy.deepcopy(trial.config))
+    assert str(retry.value) == "loss became non-finite at step 3 (in an earlier attempt; not trained again)"
+
+    trial.error = ray_error(f"NonFiniteLossError: {retry.value}")
+    callback.on_trial_recover(0, [], trial)  # a second retry keeps the first message
+    assert trial.config["trial"][DIVERGED_KEY] == "loss became non-finite at step 3"
+    callback.on_trial_error(0, [], trial)
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["retries"] == "2"
+    assert run.data.tags["failure_reason"] == f"non-finite loss: {retry.value}"
 
 
 # ------------------------------------------------------- a real sweep, slow
@@ -201,6 +258,8 @@ def test_diverging_trial_fails_with_reason_and_sweep_goes_on(failed_sweep: Simpl
     assert diverged.info.status == "FAILED"
     reason = diverged.data.tags["failure_reason"]
     assert reason.startswith("non-finite loss: loss became non-finite at step"), reason
+    # max_failures: 1, so Tune retried it once, and the retry stopped before training.
+    assert reason.endswith("(in an earlier attempt; not trained again)") and diverged.data.tags["retries"] == "1"
     assert "2 trials, 1 failed" in failed_sweep.text
     assert f"Trial {diverged.info.run_name} failed" in failed_sweep.text and reason in failed_sweep.text
     (parent,) = parent_runs(failed_sweep.client, "failures")
