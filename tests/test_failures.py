@@ -78,8 +78,12 @@ class UnitTrial(SimpleNamespace):
         self.config = config
 
 
-def unit_trial(trial_id: str, error: str) -> UnitTrial:
-    return UnitTrial(trial_id, error)
+def unit_logger(tmp_path: Path) -> tuple[Any, str, MlflowTrialLogger]:
+    """A store, its experiment and the driver's callback writing to it, as a launch sets them up."""
+    client = store_client(tmp_path)
+    experiment_id = get_or_create_experiment(client, "units")
+    context = SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc")
+    return client, experiment_id, MlflowTrialLogger(context)
 
 
 def ray_error(exception: str) -> str:
@@ -88,12 +92,9 @@ def ray_error(exception: str) -> str:
 
 
 def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
-    client = store_client(tmp_path)
-    experiment_id = get_or_create_experiment(client, "units")
+    client, experiment_id, callback = unit_logger(tmp_path)
     run = open_trial_run(client, experiment_id)
-    context = SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc123")
-    callback = MlflowTrialLogger(context)
-    trial = unit_trial("t1", "Traceback\nRayActorError: worker died")
+    trial = UnitTrial("t1", "Traceback\nRayActorError: worker died")
 
     callback.on_trial_recover(0, [], trial)
     callback.on_trial_recover(0, [], trial)
@@ -111,10 +112,8 @@ def test_callback_marks_failed_only_when_tune_gives_up(tmp_path: Path) -> None:
 
 
 def test_callback_writes_reported_records_once_and_keeps_them_out_of_the_result(tmp_path: Path) -> None:
-    client = store_client(tmp_path)
-    experiment_id = get_or_create_experiment(client, "units")
-    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
-    trial = unit_trial("t7", "")
+    client, experiment_id, callback = unit_logger(tmp_path)
+    trial = UnitTrial("t7", "")
     callback.on_trial_start(0, [], trial)
     (run,) = client.search_runs([experiment_id])
     assert run.info.status == "RUNNING" and run.data.tags["git_commit"] == "abc"
@@ -144,17 +143,15 @@ def test_callback_writes_reported_records_once_and_keeps_them_out_of_the_result(
 
 
 def test_diverged_trial_gets_the_reason_from_its_error(tmp_path: Path) -> None:
-    client = store_client(tmp_path)
-    experiment_id = get_or_create_experiment(client, "units")
-    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
-    callback.on_trial_error(0, [], unit_trial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3")))
+    client, experiment_id, callback = unit_logger(tmp_path)
+    callback.on_trial_error(0, [], UnitTrial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3")))
     (run,) = client.search_runs([experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "non-finite loss: loss became non-finite at step 3"
 
 
 def test_reason_comes_from_the_latest_failure_in_the_staged_error_file(tmp_path: Path) -> None:
-    trial = unit_trial("t3", "stale copy in storage")
+    trial = UnitTrial("t3", "stale copy in storage")
     trial.error_file = str(tmp_path / "error.txt")
     Path(trial.error_file).write_text(
         "Failure # 1 (occurred at 2026-11-24_14-59-48)\n" + ray_error("NonFiniteLossError: at step 3") + "\n"
@@ -167,10 +164,8 @@ def test_reason_comes_from_the_latest_failure_in_the_staged_error_file(tmp_path:
 
 
 def test_diverged_trial_is_retried_without_training_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = store_client(tmp_path)
-    experiment_id = get_or_create_experiment(client, "units")
-    callback = MlflowTrialLogger(SweepContext(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, "parent", "abc"))
-    trial = unit_trial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3"))
+    client, experiment_id, callback = unit_logger(tmp_path)
+    trial = UnitTrial("t9", ray_error("NonFiniteLossError: loss became non-finite at step 3"))
     callback.on_trial_recover(0, [], trial)  # Tune will retry: the retry's config says why not to train
     assert trial.config["trial"][DIVERGED_KEY] == "loss became non-finite at step 3"
 
