@@ -14,8 +14,9 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from orchestrator.plan import format_plan, make_plan
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.plan import format_plan, make_plan
+from orchestrator.spec.schema import load_spec
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     # Heavy imports (Ray, MLflow, torch) only once the spec is known to be good.
-    from orchestrator.launch import LaunchFinishedError, run_sweep
-    from orchestrator.preflight import PreflightError, run_preflight
-    from orchestrator.mlflow_uri import default_tracking_uri
-    from orchestrator.tune_state import TuneStateError
+    from orchestrator.launch.preflight import PreflightError, run_preflight
+    from orchestrator.launch.run import LaunchFinishedError, run_sweep
+    from orchestrator.launch.tune_state import TuneStateError
+    from orchestrator.stores.mlflow_uri import default_tracking_uri
 
     tracking_uri = default_tracking_uri()
     try:

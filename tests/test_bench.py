@@ -19,7 +19,7 @@ from orchestrator.bench.overhead import (
     sweep_spec,
 )
 from orchestrator.bench.timeline import median_step_s, slot_gaps
-from orchestrator.spec import parse_spec
+from orchestrator.spec.schema import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

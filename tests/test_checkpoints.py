@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from ray.tune import Checkpoint
 
-from orchestrator.checkpoints import CheckpointPruner
+from orchestrator.trials.checkpoint_pruner import CheckpointPruner
 
 
 class Clock:

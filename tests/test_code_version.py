@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.launch import PACKAGE_DIRS, code_version
+from orchestrator.launch.run import PACKAGE_DIRS, code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 EMPTY_DIGEST = f"src-{hashlib.sha1().hexdigest()[:12]}"  # what a digest of no files would say

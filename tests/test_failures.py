@@ -24,10 +24,10 @@ from crash_helpers import (
     trial_runs,
     wait_for_store,
 )
-from orchestrator.callbacks import MlflowTrialLogger, SweepContext, diverged_message, error_text, failure_reason
-from orchestrator.records import RECORDS_KEY, RecordBuffer
-from orchestrator.trainable import DIVERGED_KEY, run_trial
-from orchestrator.tracking import TrialRun, get_or_create_experiment
+from orchestrator.trials.mlflow_logger import MlflowTrialLogger, SweepContext, diverged_message, error_text, failure_reason
+from orchestrator.trials.records import RECORDS_KEY, RecordBuffer
+from orchestrator.trials.trainable import DIVERGED_KEY, run_trial
+from orchestrator.stores.mlflow_runs import TrialRun, get_or_create_experiment
 from sweep_helpers import tiny_spec, write_spec
 from trainers.loop import NonFiniteLossError
 from trainers.probes import names

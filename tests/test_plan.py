@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.plan import format_flops, format_plan, make_plan, num_classes, tokens_per_image
-from orchestrator.spec import load_spec, parse_spec
+from orchestrator.spec.plan import format_flops, format_plan, make_plan, num_classes, tokens_per_image
+from orchestrator.spec.schema import load_spec, parse_spec
 from trainers.config import DataConfig
 from trainers.cost import train_flops_per_image
 

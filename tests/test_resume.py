@@ -98,7 +98,7 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
     done_before_steps = train_loss_steps(client, done_before.info.run_id)
 
     # Tune copies its state files to the launch folder in a background thread, not atomically;
-    # a kill during that copy leaves one torn (orchestrator/tune_state.py). Tear it here so the
+    # a kill during that copy leaves one torn (orchestrator/launch/tune_state.py). Tear it here so the
     # resume always has to mend it from Tune's staging copy.
     state_file = max(launch_folder.glob("experiment_state-*.json"))
     state_file.write_bytes(state_file.read_bytes()[:100])

@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from orchestrator.preflight import PreflightError, check_artifact_location, check_storage, check_tracking
-from orchestrator.spec import SpecError, parse_spec
 from s3_server import S3Endpoint, free_port
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
+
+from orchestrator.launch.preflight import (
+    PreflightError,
+    check_artifact_location,
+    check_storage,
+    check_tracking,
+)
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.schema import parse_spec
 
 
 def object_keys(s3_client: Any, bucket: str) -> list[str]:

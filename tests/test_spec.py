@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, apply_overrides, load_spec, parse_spec, set_dotted
+from orchestrator.spec.dotted import set_dotted
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.overrides import apply_overrides
+from orchestrator.spec.schema import SweepSpec, load_spec, parse_spec
 from trainers.config import MODEL_SIZES, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,7 +286,7 @@ def test_bad_overrides(tmp_path: Path, override: str, fragments: list[str]) -> N
 
 def test_apply_overrides_leaves_its_input_alone() -> None:
     raw = copy.deepcopy(BASE)
-    result = apply_overrides(raw, ["train.steps=7", "grid.steps=[7]"])
+    result = apply_overrides(raw, ["train.steps=7", "grid.steps=[7]"], SweepSpec)
     assert raw == BASE
     assert result["train"]["steps"] == 7 and result["grid"]["steps"] == [7]
 
@@ -345,7 +348,7 @@ def test_loading_does_not_start_ray_or_write_files(tmp_path: Path) -> None:
     bad = write(tmp_path, spec_with(**{"train.steps": 0}), "bad.yaml")
     script = (
         "import sys\n"
-        "from orchestrator.spec import SpecError, load_spec\n"
+        "from orchestrator.spec.errors import SpecError\nfrom orchestrator.spec.schema import load_spec\n"
         f"load_spec({str(SWEEPS / 'quickstart.yaml')!r})\n"
         "try:\n"
         f"    load_spec({str(bad)!r})\n"

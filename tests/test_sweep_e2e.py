@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.records import RECORDS_KEY
+from orchestrator.trials.records import RECORDS_KEY
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
 from trainers.probes import names
 

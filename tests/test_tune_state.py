@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tune_state import TuneStateError, ensure_restorable
+from orchestrator.launch.tune_state import TuneStateError, ensure_restorable
 
 NAME = "sweep-a"
 STATE = "experiment_state-2026-11-24_02-00-00.json"

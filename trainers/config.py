@@ -1,6 +1,6 @@
 """Typed configuration of one training run (one Tune trial).
 
-These models are the contract between the sweep spec (orchestrator/spec.py, which
+These models are the contract between the sweep spec (orchestrator/spec/schema.py, which
 embeds them) and the trainer. They use pydantic v2 with extra keys forbidden, so a
 typo anywhere in a spec is an error that names the key instead of a silent default.
 They import nothing from Ray or MLflow: a notebook can build a TrainConfig by hand.

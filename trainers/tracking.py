@@ -1,7 +1,7 @@
 """Where the trainer sends what it measures: a tiny interface with a no-op default.
 
 The trainer never knows about MLflow or Ray; the orchestrator passes an implementation
-(see orchestrator/tracking.py) and a notebook can pass a list-backed one.
+(see orchestrator/stores/mlflow_runs.py) and a notebook can pass a list-backed one.
 """
 
 from __future__ import annotations

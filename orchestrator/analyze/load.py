@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
-from orchestrator.mlflow_uri import DEFAULT_TRACKING_URI
+from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HISTORY_COLUMNS = ["run_id", "key", "step", "value"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -11,33 +10,25 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.artifacts import ArtifactReader
-from orchestrator.analyze.emergence import EmergencePoint, emergence_points, outlier_points
-from orchestrator.analyze.figures import emergence_depth_figure, emergence_progress_figure, register_effect_figure
+from orchestrator.analyze.emergence import (
+    emergence_points,
+    outlier_points,
+)
+from orchestrator.analyze.figures import (
+    emergence_depth_figure,
+    emergence_progress_figure,
+    register_effect_figure,
+)
 from orchestrator.analyze.load import Sweep, load_sweep
 from orchestrator.analyze.probe_figures import probe_figures
 from orchestrator.analyze.publish import log_analysis_run
-from orchestrator.analyze.registers import BestCount, Recommendation, best_counts, recommend, register_stats
+from orchestrator.analyze.registers import (
+    best_counts,
+    recommend,
+    register_stats,
+)
 from orchestrator.analyze.report import write_outputs
-
-
-@dataclass
-class AnalysisResult:
-    sweep: Sweep
-    out_dir: Path
-    threshold: float
-    parent_run: str | None
-    emergence: list[EmergencePoint]
-    stats: pd.DataFrame
-    best: list[BestCount]
-    recommendation: Recommendation
-    figures: dict[str, Path] = field(default_factory=dict)
-    caveats: list[str] = field(default_factory=list)
-    report_path: Path | None = None
-    analysis_run_id: str | None = None
-
-    @property
-    def sizes_with_artifacts(self) -> list[str]:
-        return sorted({p.model_size for p in self.emergence if p.status == "emerged"}, key=cat.size_sort_key)
+from orchestrator.analyze.result import AnalysisResult
 
 
 def run_analysis(

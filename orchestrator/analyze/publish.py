@@ -4,16 +4,13 @@ and figures as artifacts, the key numbers as params and metrics."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from orchestrator.analyze import catalog as cat
-
-if TYPE_CHECKING:
-    from orchestrator.analyze.pipeline import AnalysisResult
+from orchestrator.analyze.result import AnalysisResult
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 

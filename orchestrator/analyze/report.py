@@ -7,16 +7,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.emergence import emergence_table
 from orchestrator.analyze.registers import metric_table
-
-if TYPE_CHECKING:
-    from orchestrator.analyze.pipeline import AnalysisResult
+from orchestrator.analyze.result import AnalysisResult
 
 FIGURE_TITLES = {
     "emergence_progress": "Outlier fraction against training progress and model size",

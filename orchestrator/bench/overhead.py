@@ -194,8 +194,8 @@ def profile_pieces() -> dict[str, float]:
     return {
         "python_bare_s": time_python("pass"),
         "import_trainer_s": time_python("import trainers.loop"),
-        "import_trial_worker_s": time_python("import orchestrator.trainable"),
-        "import_sweep_driver_s": time_python("import orchestrator.launch"),
+        "import_trial_worker_s": time_python("import orchestrator.trials.trainable"),
+        "import_sweep_driver_s": time_python("import orchestrator.launch.run"),
         "ray_init_shutdown_s": time_python("import ray; ray.init(include_dashboard=False); ray.shutdown()"),
     }
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.mlflow_uri import default_tracking_uri
-from orchestrator.tracking import PARENT_TAG, ROLE_TAG
+from orchestrator.stores.mlflow_uri import default_tracking_uri
+from orchestrator.stores.mlflow_runs import PARENT_TAG, ROLE_TAG
 from trainers.probes import names
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import PARENT_TAG, ROLE_TAG
+from orchestrator.stores.mlflow_runs import PARENT_TAG, ROLE_TAG
 from trainers.probes import names
 
 

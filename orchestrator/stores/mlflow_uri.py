@@ -1,7 +1,7 @@
 """Where MLflow writes when MLFLOW_TRACKING_URI is not set.
 
-Apart from orchestrator/tracking.py so that the sweep driver can name the store without
-importing MLflow: that import runs in a thread beside Ray's start (orchestrator/launch.py).
+Apart from orchestrator/stores/mlflow_runs.py so that the sweep driver can name the store without
+importing MLflow: that import runs in a thread beside Ray's start (orchestrator/launch/run.py).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 It builds the typed TrainConfig, restores the checkpoint Tune hands back after a failure
 or a resumed sweep, runs the loop, and reports to Tune at every checkpoint point. It never
-touches MLflow: what the trial measures rides along with each report (orchestrator/records.py)
-and the driver's callback writes it to the trial's one MLflow run (orchestrator/callbacks.py).
+touches MLflow: what the trial measures rides along with each report (orchestrator/trials/records.py)
+and the driver's callback writes it to the trial's one MLflow run (orchestrator/trials/mlflow_logger.py).
 Workers therefore import no MLflow; tests/test_launch_imports.py checks it.
 """
 
@@ -19,14 +19,20 @@ from typing import Any, Mapping
 
 from ray import tune
 
-from orchestrator.overrides import set_dotted
-from orchestrator.records import RECORDS_KEY, RESTORED_TAG, WORKER_HOST_TAG, WORKER_PID_TAG, RecordBuffer
+from orchestrator.spec.dotted import set_dotted
+from orchestrator.trials.records import (
+    RECORDS_KEY,
+    RESTORED_TAG,
+    WORKER_HOST_TAG,
+    WORKER_PID_TAG,
+    RecordBuffer,
+)
 from trainers.config import TrainConfig
 
-# Tune config layout, written by orchestrator/tuning.py:
+# Tune config layout, written by orchestrator/launch/tuner.py:
 #   {"train": <base TrainConfig as a dict>, "trial": {"index": i, "axes": {dotted.path: value}}}
 # After an attempt diverged, the driver's callback adds the error's message under
-# "trial" -> DIVERGED_KEY before Tune retries the trial (orchestrator/callbacks.py).
+# "trial" -> DIVERGED_KEY before Tune retries the trial (orchestrator/trials/mlflow_logger.py).
 DIVERGED_KEY = "diverged"
 
 # Beside the model state in every checkpoint: the metrics reported with it, reported again

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.mlflow_uri import DEFAULT_TRACKING_URI
-from orchestrator.spec import SweepSpec, describe_param
+from orchestrator.spec.schema import SweepSpec, describe_param
+from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.cost import train_flops_per_image
 

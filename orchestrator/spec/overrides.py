@@ -1,5 +1,4 @@
-"""The raw sweep spec before validation: reading the YAML, dotted paths, `--set` overrides,
-and the wording of errors (SpecError) shared with spec.py.
+"""The raw sweep spec before validation: reading the YAML and applying `--set` overrides.
 
 A dotted path names one key in nested mappings: `optim.lr` is cfg["optim"]["lr"]. Two
 places in a sweep spec are mappings whose own keys contain dots (`grid` and
@@ -24,61 +23,7 @@ from typing import Any, Sequence, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-
-class SpecError(Exception):
-    """A sweep spec the user must fix. str(e) is one line: "<file>: <key path>: <problem> (got <value>)"."""
-
-    _NO_VALUE = object()
-
-    def __init__(self, key: str, problem: str, got: Any = _NO_VALUE, file: str | None = None) -> None:
-        self.key = key
-        self.problem = problem
-        self.got = got
-        self.file = file
-        super().__init__(str(self))
-
-    def with_file(self, file: str) -> "SpecError":
-        return SpecError(self.key, self.problem, self.got, file)
-
-    def __str__(self) -> str:
-        parts = [p for p in (self.file, self.key) if p]
-        text = ": ".join([*parts, self.problem])
-        if self.got is not SpecError._NO_VALUE:
-            text += f" (got {short_repr(self.got)})"
-        return " ".join(text.split())  # one line, whatever the messages inside contained
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ----------------------------------------------------------------------------- dotted paths
-
-
-def set_dotted(cfg: dict[str, Any], path: str, value: Any) -> None:
-    """cfg[a][b][c] = value for path 'a.b.c', creating missing intermediate mappings."""
-    *parents, leaf = path.split(".")
-    node = cfg
-    for i, key in enumerate(parents):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise KeyError(f"{'.'.join(parents[: i + 1])} is not a mapping (it holds {short_repr(child)})")
-        node = child
-    node[leaf] = value
-
-
-def get_dotted(cfg: dict[str, Any], path: str) -> Any:
-    """cfg[a][b][c] for path 'a.b.c'; KeyError naming the path when it is absent."""
-    node: Any = cfg
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(path)
-        node = node[key]
-    return node
-
+from orchestrator.spec.errors import SpecError
 
 # ----------------------------------------------------------------------------- schema walk
 
@@ -216,17 +161,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpecError(f"--set {key}", f"cannot parse the value as YAML: {problem}", raw_value) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], schema: type[BaseModel] | None = None) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], schema: type[BaseModel]) -> dict[str, Any]:
     """A copy of the raw spec with each 'key=value' applied; key is a dotted path into the whole spec.
 
     For `grid` and `search.space`, the rest of the path after the mapping's name is one key
     (`grid.model.num_registers`); `search.space.optim.lr.low` sets one field of an existing
     entry. A null value for a grid or search-space entry removes it.
     """
-    if schema is None:
-        from orchestrator.spec import SweepSpec  # late: spec.py imports this module
-
-        schema = SweepSpec
     result = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)

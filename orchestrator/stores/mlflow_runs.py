@@ -4,7 +4,7 @@ exactly one nested child run per Tune trial.
 The child run is found again by its tags (parent run id + trial id), not by a map that a
 crash would lose, so a retried, restored or resumed trial reattaches to the run it already
 has instead of opening a second one. The driver writes a trial's metrics in batches as
-each checkpoint's report arrives (orchestrator/callbacks.py): after a crash, the steps
+each checkpoint's report arrives (orchestrator/trials/mlflow_logger.py): after a crash, the steps
 since the last checkpoint are re-run and logged once, so the history has no gaps and no
 repeats.
 """
@@ -14,12 +14,11 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.records import TrialRecords
 
 ROLE_TAG = "sweep.role"
 SWEEP_TAG = "sweep.name"
@@ -146,21 +145,15 @@ class TrialRun:
                 (Path(tmp) / name).write_bytes(data)
             self.client.log_artifacts(self.run_id, tmp, artifact_dir)
 
-    def log_records(self, records: TrialRecords) -> None:
-        """Write what a worker reported with one checkpoint (orchestrator/records.py)."""
-        if records.tags:
-            self.set_tags(records.tags)
+    def log_measured(self, metrics: Iterable[tuple[str, float, int, int]]) -> None:
+        """Metrics as (key, value, timestamp ms, step), measured elsewhere (a trial worker);
+        steps already in the store are skipped, so a resumed trial writes no repeats."""
         self._pending.extend(
             Metric(key, value, timestamp, step)
-            for key, value, timestamp, step in records.metrics
+            for key, value, timestamp, step in metrics
             if step > self._logged_through.get(key, -1)
         )
         self.flush()
-        folders: dict[str, dict[str, bytes]] = {}
-        for folder, name, data in records.files:
-            folders.setdefault(folder, {})[name] = data
-        for folder, files in folders.items():
-            self.log_files(files, folder)
 
     def flush(self) -> None:
         """Write buffered metrics in batches (one call per 1000 values, not one per value)."""

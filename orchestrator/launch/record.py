@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from orchestrator.plan import SweepPlan
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.plan import SweepPlan
+from orchestrator.spec.schema import SweepSpec
 
 RECORD_FILE = "sweep_launch.json"
 

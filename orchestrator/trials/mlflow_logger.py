@@ -1,6 +1,6 @@
 """Driver-side Tune callback: every trial's MLflow run, written from the driver.
 
-Trial workers never import MLflow (orchestrator/records.py says why). This callback opens
+Trial workers never import MLflow (orchestrator/trials/records.py says why). This callback opens
 or reattaches the trial's one child run when Tune starts the trial, writes the metrics,
 probe files and tags that each checkpoint's report carries, and closes the run.
 
@@ -13,7 +13,7 @@ reason. When a trial completes, this records where its final checkpoint lives.
 Tune retries every error alike and has no hook to skip a retry. A diverged trial would
 train again from its last checkpoint and diverge again, up to `max_failures` times, so
 `on_trial_recover` writes the divergence into the trial's config, which Tune hands to the
-retry's worker: the retry fails at once (orchestrator/trainable.py, DIVERGED_KEY).
+retry's worker: the retry fails at once (orchestrator/trials/trainable.py, DIVERGED_KEY).
 
 The callback is pickled into the Tuner's state and comes back on `Tuner.restore`, so it
 holds no client and no open runs across pickling: a restored callback finds each trial's
@@ -32,9 +32,21 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from orchestrator.records import RECORDS_KEY, TrialRecords
-from orchestrator.tracking import CHECKPOINT_TAG, DIVERGED_PREFIX, FAILURE_TAG, RETRIES_TAG, TrialRun, flatten
-from orchestrator.trainable import DIVERGED_KEY, axis_tags, trial_config, trial_label
+from orchestrator.stores.mlflow_runs import (
+    CHECKPOINT_TAG,
+    DIVERGED_PREFIX,
+    FAILURE_TAG,
+    RETRIES_TAG,
+    TrialRun,
+    flatten,
+)
+from orchestrator.trials.records import RECORDS_KEY, TrialRecords
+from orchestrator.trials.trainable import (
+    DIVERGED_KEY,
+    axis_tags,
+    trial_config,
+    trial_label,
+)
 
 # How trainers.loop.NonFiniteLossError reads in the error text Tune keeps for a trial.
 NON_FINITE = re.compile(r"NonFiniteLossError: (.+)")
@@ -146,7 +158,7 @@ class MlflowTrialLogger(Callback):
         records: TrialRecords | None = result.pop(RECORDS_KEY, None)
         run = self.trial_run(trial)
         if records and run.status != "FINISHED":
-            run.log_records(records)
+            write_records(run, records)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run = self.trial_run(trial)
@@ -178,3 +190,15 @@ class MlflowTrialLogger(Callback):
             run.set_tags(tags)
         if run.status != "FAILED":
             run.finish("FAILED")
+
+
+def write_records(run: TrialRun, records: TrialRecords) -> None:
+    """Write what a worker reported with one checkpoint (orchestrator/trials/records.py)."""
+    if records.tags:
+        run.set_tags(records.tags)
+    run.log_measured(records.metrics)
+    folders: dict[str, dict[str, bytes]] = {}
+    for folder, name, data in records.files:
+        folders.setdefault(folder, {})[name] = data
+    for folder, files in folders.items():
+        run.log_files(files, folder)

@@ -4,7 +4,7 @@ Trial workers never import MLflow: its import and its SQLAlchemy store cost each
 about 3 CPU-seconds on the way to the first training step (docs/performance.md). The
 worker buffers metrics (with the time each was measured), probe files and tags here and
 hands them over with the report of each checkpoint; the driver's Tune callback
-(orchestrator/callbacks.py) writes them to the trial's MLflow run. Records and checkpoint
+(orchestrator/trials/mlflow_logger.py) writes them to the trial's MLflow run. Records and checkpoint
 travel in one report, so the steps after the last checkpoint, which a retry measures
 again, were never written.
 

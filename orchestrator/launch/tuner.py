@@ -1,6 +1,6 @@
 """The Tune side of a launch: the Tuner built from a spec (or restored), run to the end.
 
-Trials run `orchestrator.trainable.run_trial`; MlflowTrialLogger writes each trial's MLflow
+Trials run `orchestrator.trials.trainable.run_trial`; MlflowTrialLogger writes each trial's MLflow
 run from the driver (what the trials report, retries, final errors), CheckpointPruner
 deletes superseded checkpoints.
 """
@@ -16,14 +16,14 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.callbacks import MlflowTrialLogger, SweepContext
-from orchestrator.checkpoints import CheckpointPruner
-from orchestrator.launches import Launch, LaunchRecord, storage_uri
-from orchestrator.parent_run import abandon_launch, finish_launch
-from orchestrator.plan import SweepPlan
-from orchestrator.search import GridCellSearcher
-from orchestrator.spec import SweepSpec
-from orchestrator.trainable import run_trial, trial_label
+from orchestrator.launch.parent_run import abandon_launch, finish_launch
+from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
+from orchestrator.spec.plan import SweepPlan
+from orchestrator.spec.schema import SweepSpec
+from orchestrator.trials.checkpoint_pruner import CheckpointPruner
+from orchestrator.trials.grid_search import GridCellSearcher
+from orchestrator.trials.mlflow_logger import MlflowTrialLogger, SweepContext
+from orchestrator.trials.trainable import run_trial, trial_label
 
 
 def resourced_trainable(spec: SweepSpec) -> Any:

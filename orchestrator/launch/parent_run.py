@@ -12,8 +12,8 @@ import time
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.launches import Launch, LaunchRecord, write_record
-from orchestrator.tracking import (
+from orchestrator.launch.record import Launch, LaunchRecord, write_record
+from orchestrator.stores.mlflow_runs import (
     FAILURE_TAG,
     LAUNCH_TAG,
     ROLE_TAG,

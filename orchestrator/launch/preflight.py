@@ -11,7 +11,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator.storage import StorageCheckError, check_s3_writable, has_credentials_in_url
+from orchestrator.stores.s3 import (
+    StorageCheckError,
+    check_s3_writable,
+    has_credentials_in_url,
+)
 from trainers.config import TrainConfig
 from trainers.data import DatasetNotFoundError, check_data
 

@@ -15,24 +15,26 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from orchestrator.overrides import (
-    read_yaml,
-    SpecError,
-    apply_overrides,
-    get_dotted,
-    schema_path_problem,
-    first_problem,
-    set_dotted,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
-from orchestrator.storage import has_credentials_in_url
+
+from orchestrator.spec.dotted import get_dotted, set_dotted
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.overrides import (
+    apply_overrides,
+    first_problem,
+    read_yaml,
+    schema_path_problem,
+)
+from orchestrator.stores.s3 import has_credentials_in_url
 from trainers.config import TrainConfig
 from trainers.probes import names
-
-__all__ = [
-    "SpecError", "SweepSpec", "load_spec", "parse_spec", "apply_overrides", "set_dotted", "get_dotted",
-]
 
 SEED_AXIS = "seed"  # the seeds list is crossed with the grid as this axis (a path into train)
 MAX_TRIALS = 10_000  # more grid trials than this is a typo in a list, not a study

@@ -1,6 +1,6 @@
 """One launch of a sweep: find or start its record, start Ray, run the Tuner, resume after a crash.
 
-A launch lives in `<storage>/<launch name>` (Tune's experiment folder; orchestrator/launches.py).
+A launch lives in `<storage>/<launch name>` (Tune's experiment folder; orchestrator/launch/record.py).
 Its record names its MLflow parent run and whether it finished. Running the same command
 again finds the record: an unfinished launch is restored (finished trials are not re-run,
 each trial keeps its one MLflow run); a finished one is reported and left alone.
@@ -17,8 +17,8 @@ errored.
 
 Start-up order, for speed: this module imports Ray and Tune but not MLflow. Ray's start is
 seconds of waiting on its processes, so a thread meanwhile imports MLflow, sets up the
-store and opens the parent run (orchestrator/parent_run.py); the Tuner is built once both
-are done (orchestrator/tuning.py).
+store and opens the parent run (orchestrator/launch/parent_run.py); the Tuner is built once both
+are done (orchestrator/launch/tuner.py).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from ray import tune
 
-from orchestrator.launches import Launch, LaunchRecord, launch_path, read_record
-from orchestrator.mlflow_uri import default_tracking_uri
-from orchestrator.plan import SweepPlan
-from orchestrator.spec import SweepSpec
-from orchestrator.tune_state import ensure_restorable
+from orchestrator.launch.record import Launch, LaunchRecord, launch_path, read_record
+from orchestrator.launch.tune_state import ensure_restorable
+from orchestrator.spec.plan import SweepPlan
+from orchestrator.spec.schema import SweepSpec
+from orchestrator.stores.mlflow_uri import default_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -163,10 +163,10 @@ def find_launch(
 
 
 def open_mlflow_side(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
-    from orchestrator.parent_run import open_launch
+    from orchestrator.launch.parent_run import open_launch
 
     opened = open_launch(launch)
-    import orchestrator.tuning  # noqa: F401  (the trainable's and callbacks' imports, off the main thread too)
+    import orchestrator.launch.tuner  # noqa: F401  (the trainable's and callbacks' imports, off the main thread too)
 
     return opened
 
@@ -189,7 +189,7 @@ def run_sweep(
             opening = pool.submit(open_mlflow_side, launch)
             started_ray = init_ray()
             client, record = opening.result()
-        from orchestrator.tuning import fit_launch
+        from orchestrator.launch.tuner import fit_launch
 
         results = fit_launch(launch, client, record)
     finally:

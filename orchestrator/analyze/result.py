@@ -1,0 +1,34 @@
+"""AnalysisResult: everything one analysis found, handed from the pipeline to the report
+writer and the MLflow publisher (its own module so that neither imports the pipeline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.emergence import EmergencePoint
+from orchestrator.analyze.load import Sweep
+from orchestrator.analyze.registers import BestCount, Recommendation
+
+
+@dataclass
+class AnalysisResult:
+    sweep: Sweep
+    out_dir: Path
+    threshold: float
+    parent_run: str | None
+    emergence: list[EmergencePoint]
+    stats: pd.DataFrame
+    best: list[BestCount]
+    recommendation: Recommendation
+    figures: dict[str, Path] = field(default_factory=dict)
+    caveats: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+    analysis_run_id: str | None = None
+
+    @property
+    def sizes_with_artifacts(self) -> list[str]:
+        return sorted({p.model_size for p in self.emergence if p.status == "emerged"}, key=cat.size_sort_key)
