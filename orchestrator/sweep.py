@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shlex
 import sys
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 from orchestrator.spec.errors import SpecError
 from orchestrator.spec.plan import format_plan, make_plan
 from orchestrator.spec.schema import load_spec
+
+if TYPE_CHECKING:
+    from orchestrator.launch.run import SweepOutcome
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,6 +35,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--launch", default=None, metavar="NAME",
         help="name of this launch's folder under storage (default: the sweep name); "
         "running again with the same name resumes an interrupted launch",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="Tune's and Ray's own console output (per-trial configuration boxes, worker logs) "
+        "instead of the compact progress table",
     )
     return parser.parse_args(argv)
 
@@ -64,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreflightError as error:
         return fail(str(error))
     try:
-        outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch)
+        outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch, verbose=args.verbose)
     except (LaunchFinishedError, TuneStateError) as error:
         return fail(str(error))
 
@@ -73,8 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n  MLflow experiment {outcome.experiment_id}, parent run {outcome.parent_run_id}"
         f"\n  Tune results and checkpoints: {outcome.launch_path}"
     )
+    if outcome.results:
+        print("\n" + "\n".join(outcome.results))
+    print(f"\nAnalyse it:  {analysis_command(outcome)}")
     print(ui_hint(outcome.tracking_uri))
     return 1 if outcome.errored else 0
+
+
+def analysis_command(outcome: SweepOutcome) -> str:
+    """The analysis of this launch; it reads the same MLFLOW_TRACKING_URI (or ./mlflow.db)."""
+    return (
+        f"python -m orchestrator.analyze --experiment {shlex.quote(outcome.experiment_name)} "
+        f"--parent-run {outcome.parent_run_id}"
+    )
 
 
 def ui_hint(tracking_uri: str) -> str:

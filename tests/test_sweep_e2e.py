@@ -20,6 +20,18 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in done.stdout
 
+    # The console: one line per finished trial with its axes, a results table, where to go
+    # next; no per-trial configuration boxes, Tune tables or Ray warnings.
+    lines = done.stdout.splitlines()
+    assert len(lines) < 40, done.stdout
+    finished = [line for line in lines if line.startswith("[") and " done " in line]
+    assert len(finished) == 4 and all("registers=" in line and "steps=" in line for line in finished)
+    assert "Val top-1 by model size, training length and registers" in done.stdout
+    assert "python -m orchestrator.analyze --experiment e2e --parent-run" in done.stdout
+    for noise in ("╭", "Configuration for experiment", "started with configuration", "Trial status"):
+        assert noise not in done.stdout
+    assert "WARNING" not in done.stderr and "INFO" not in done.stderr, done.stderr
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id])

@@ -44,6 +44,7 @@ class Launch:
     spec_digest: str
     found: LaunchRecord | None  # the record already in the folder, if any
     resumed: bool  # found a running launch that Tune can restore
+    verbose: bool = False  # Ray's and Tune's own console output (--verbose)
 
 
 def storage_uri(storage: str) -> str:

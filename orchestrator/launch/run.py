@@ -26,20 +26,23 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ray import tune
 
+from orchestrator.launch.console import results_table
 from orchestrator.launch.record import Launch, LaunchRecord, launch_path, read_record
 from orchestrator.launch.tune_state import ensure_restorable
 from orchestrator.spec.plan import SweepPlan
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.stores.mlflow_uri import default_tracking_uri
+from trainers.probes.names import VAL_TOP1
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -75,6 +78,7 @@ class SweepOutcome:
     trials: int
     errored: int
     resumed: bool
+    results: list[str]  # the results table, as lines (orchestrator/launch/console.py)
 
 
 class LaunchFinishedError(RuntimeError):
@@ -109,26 +113,35 @@ def spec_digest(spec: SweepSpec) -> str:
     return hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def init_ray() -> bool:
+def init_ray(verbose: bool = False) -> bool:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process.
-    True when this call did it (and the caller should call ray.shutdown), False if Ray was up."""
+    True when this call did it (and the caller should call ray.shutdown), False if Ray was up.
+
+    Unless verbose, the trial workers' own output stays in Ray's log files (a trial's error
+    still reaches its MLflow run and the sweep's summary) and Ray says only what went wrong."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting at start-up
+    quiet = {} if verbose else {"logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=verbose, **quiet)
         return True
     # A local Ray starts one idle worker per CPU for the driver's tasks. Tune's trial actors
     # carry their own runtime_env and never use those, so they only take CPU from the start-up.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    ray.init(include_dashboard=False, log_to_driver=True)
+    ray.init(include_dashboard=False, log_to_driver=verbose, **quiet)
     return True
 
 
 def find_launch(
-    spec: SweepSpec, plan: SweepPlan, plan_text: str, overrides: Sequence[str], launch_name: str | None
+    spec: SweepSpec,
+    plan: SweepPlan,
+    plan_text: str,
+    overrides: Sequence[str],
+    launch_name: str | None,
+    verbose: bool = False,
 ) -> Launch:
     """The launch this command means: new, or an interrupted one to resume. Raises
     LaunchFinishedError when the folder holds a finished launch or another spec's."""
@@ -159,12 +172,16 @@ def find_launch(
         spec_digest=digest,
         found=found,
         resumed=resumed,
+        verbose=verbose,
     )
 
 
 def open_mlflow_side(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
     from orchestrator.launch.parent_run import open_launch
 
+    if not launch.verbose:
+        # MLflow's import set its logger to INFO ("Creating initial MLflow database tables...").
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     opened = open_launch(launch)
     import orchestrator.launch.tuner  # noqa: F401  (the trainable's and callbacks' imports, off the main thread too)
 
@@ -172,9 +189,14 @@ def open_mlflow_side(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
 
 
 def run_sweep(
-    spec: SweepSpec, plan: SweepPlan, plan_text: str, overrides: Sequence[str] = (), launch_name: str | None = None
+    spec: SweepSpec,
+    plan: SweepPlan,
+    plan_text: str,
+    overrides: Sequence[str] = (),
+    launch_name: str | None = None,
+    verbose: bool = False,
 ) -> SweepOutcome:
-    launch = find_launch(spec, plan, plan_text, overrides, launch_name)
+    launch = find_launch(spec, plan, plan_text, overrides, launch_name, verbose)
     mended = ensure_restorable(launch.path, launch.name) if launch.resumed else None
     if mended:
         print(f"Tune's saved {mended} in {launch.path} was torn by the crash; restored Tune's state from its staging copy")
@@ -187,7 +209,7 @@ def run_sweep(
         # the main thread (it installs signal handlers there).
         with ThreadPoolExecutor(max_workers=1) as pool:
             opening = pool.submit(open_mlflow_side, launch)
-            started_ray = init_ray()
+            started_ray = init_ray(verbose)
             client, record = opening.result()
         from orchestrator.launch.tuner import fit_launch
 
@@ -207,4 +229,14 @@ def run_sweep(
         len(results),
         results.num_errors,
         launch.resumed,
+        results_table([result_row(r.config, r.metrics) for r in results]),
     )
+
+
+def result_row(config: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, int, int, float | None]:
+    """(size, steps, registers, val top-1) of one finished or failed trial."""
+    from orchestrator.trials.trainable import trial_config
+
+    cfg = trial_config(config["train"], config["trial"]["axes"])
+    top1 = metrics.get(VAL_TOP1) if metrics else None
+    return cfg.model.label, cfg.steps, cfg.model.num_registers, top1

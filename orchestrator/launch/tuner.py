@@ -16,6 +16,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from orchestrator.launch.console import SweepConsole
 from orchestrator.launch.parent_run import abandon_launch, finish_launch
 from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
 from orchestrator.spec.plan import SweepPlan
@@ -31,7 +32,7 @@ def resourced_trainable(spec: SweepSpec) -> Any:
     return tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str, verbose: bool = False) -> tune.Tuner:
     trainable = resourced_trainable(spec)
     param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json")}
     search_alg, num_samples = None, 1
@@ -66,8 +67,12 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         # slot instead of once per trial. Every trial asks for the same resources, as reuse needs.
         reuse_actors=True,
     )
-    # First among the callbacks: it takes the MLflow records out of each result before
-    # the CSV and JSON loggers see it.
+    # The console reads each report's train loss before the MLflow logger takes the records
+    # out of the result, and the logger does that before the CSV and JSON loggers see it.
+    axis_paths = list(plan.trials[0].axes) if plan.trials else []
+    if spec.search is not None:
+        axis_paths += [key for key in spec.search.space if key not in axis_paths]
+    console = SweepConsole(axis_paths, num_samples if spec.search is not None else len(plan.trials))
     mlflow_logger = MlflowTrialLogger(context)
     run_config = tune.RunConfig(
         name=name,
@@ -78,8 +83,9 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
         # (see fit_launch); MLflow holds the metrics.
-        callbacks=[mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
-        verbose=1,
+        callbacks=[console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
+        # Tune's own console output (a configuration box per trial) only with --verbose.
+        verbose=1 if verbose else 0,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -107,10 +113,14 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
         )
     else:
         context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
-        tuner = build_tuner(launch.spec, launch.plan, context, launch.name)
+        tuner = build_tuner(launch.spec, launch.plan, context, launch.name, launch.verbose)
     # Tune adds its TensorBoardX logger unless told not to; importing it pulls torch and boto3
     # into the driver (2-3 s of CPU while the first trials start) for event files nobody reads.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not launch.verbose:
+        # Tune's new output engine prints an experiment box and a results path even at
+        # verbose=0; its legacy engine is silent there. SweepConsole does the talking.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
