@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreflightError as error:
         return fail(str(error))
     try:
-        outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch, verbose=args.verbose)
+        outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch, verbose=args.verbose, spec_file=args.spec)
     except (LaunchFinishedError, TuneStateError) as error:
         return fail(str(error))
 

@@ -4,7 +4,8 @@ The planted pattern:
 - artifacts only in the larger size ('mini'), without registers: the outlier fraction is ~0
   before 40% of training and ~0.03 after, in blocks >= 3 and at the output; ~0 elsewhere;
 - with registers the outlier fraction is ~0 everywhere;
-- the dense metric (seg_miou) peaks at 4 registers, far beyond the noise; top-1 rises with registers;
+- the dense metric (seg_miou) peaks at 4 registers, far beyond the noise; top-1 rises with registers
+  (or, with learned=False, stays at chance: 1/6 with 6 classes);
 - norms.npz and attention.npz for the seed-0 trials of a few settings;
 - one RUNNING and one FAILED trial, which the analysis must skip and list.
 """
@@ -32,6 +33,7 @@ EMERGE_BLOCK = 3
 PROBE_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 MIOU = {0: 0.50, 1: 0.54, 2: 0.56, 4: 0.62, 8: 0.57, 16: 0.55}
 ARTIFACT_REGISTERS = (0, 4)  # settings with probe files (seed 0, longest length)
+NUM_CLASSES = 6  # chance = 1/6
 
 
 @dataclass
@@ -51,7 +53,9 @@ def _outlier_frac(size: str, regs: int, location_block: int | None, fraction: fl
     return float(abs(rng.normal(0, 0.0008)))
 
 
-def _trial_metrics(size: str, regs: int, steps: int, rng: np.random.Generator, with_probes: bool = True) -> list[Metric]:
+def _trial_metrics(
+    size: str, regs: int, steps: int, rng: np.random.Generator, with_probes: bool = True, learned: bool = True
+) -> list[Metric]:
     depth = MODEL_SIZES[size][1]
     metrics: list[Metric] = []
     for fraction in PROBE_FRACTIONS:
@@ -61,7 +65,10 @@ def _trial_metrics(size: str, regs: int, steps: int, rng: np.random.Generator, w
             metrics.append(Metric(key, value, 1_700_000_000_000 + step, step))
 
         put(names.TRAIN_LOSS, 2.0 - fraction + rng.normal(0, 0.01))
-        put(names.VAL_TOP1, 0.60 + 0.01 * np.log2(1 + regs) + 0.1 * fraction + rng.normal(0, 0.002))
+        if learned:
+            put(names.VAL_TOP1, 0.60 + 0.01 * np.log2(1 + regs) + 0.1 * fraction + rng.normal(0, 0.002))
+        else:  # stuck at chance (1 / NUM_CLASSES)
+            put(names.VAL_TOP1, 1 / NUM_CLASSES + abs(rng.normal(0, 0.01)))
         if not with_probes:
             continue
         for b in range(depth):
@@ -127,6 +134,7 @@ def _trial_tags(parent: str, sweep: str, size: str, regs: int, steps: int, seed:
         "axis.num_registers": str(regs),
         "axis.steps": str(steps),
         "axis.seed": str(seed),
+        "data.num_classes": str(NUM_CLASSES),
     }
 
 
@@ -141,6 +149,7 @@ def plant_sweep(
     probe_files: bool = True,
     probe_metrics: bool = True,
     unfinished: bool = True,
+    learned: bool = True,
 ) -> PlantedSweep:
     """Write the planted sweep into `tracking_uri` and return the run ids."""
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -157,7 +166,7 @@ def plant_sweep(
                     params = {"model.size": size, "model.num_registers": str(regs), "steps": str(steps), "seed": str(seed), "optim.lr": "0.001"}
                     client.log_batch(
                         run_id,
-                        metrics=_trial_metrics(size, regs, steps, rng, probe_metrics),
+                        metrics=_trial_metrics(size, regs, steps, rng, probe_metrics, learned),
                         params=[Param(k, v) for k, v in params.items()],
                         tags=[RunTag("mlflow.runName", f"{size}-r{regs}-s{steps}-seed{seed}")],
                     )

@@ -62,7 +62,18 @@ def test_four_registers_are_best_for_miou_and_recommended(planted):
     assert rec["num_registers"] == 4
     assert rec["per_size"] == {"micro": 4, "mini": 4}
     assert rec["can_tell"] is True
-    assert "**Recommended number of registers: 4**" in result.report_path.read_text()
+    report = result.report_path.read_text()
+    # The number comes with its rule and its evidence, right below it.
+    recommended = report.index("**Recommended number of registers: 4**")
+    after = report[recommended:].splitlines()
+    assert after[1].startswith("  - Rule: the smallest register count whose dense mIoU is within the 95% interval")
+    assert after[2].startswith("  - Evidence, micro (200 steps, 3 seeds): 4 registers give dense mIoU")
+    assert "the best count, 4" in after[2] and "95% interval" in after[2]
+    # Every setting learned: the learning table says so, beside chance.
+    learning = pd.read_csv(result.out_dir / "learning.csv")
+    assert len(learning) == 4 and set(learning["learned"]) == {"yes"}
+    assert set(learning["chance"]) == {0.167}
+    assert "mini, 200 steps: learned: val top-1" in report
 
 
 def test_register_table_shows_outliers_gone_with_registers(planted):
@@ -138,8 +149,25 @@ def test_single_seed_sweep_says_it_cannot_tell(tmp_path: Path):
     planted = plant_sweep(uri, "one-seed", lengths=(100,), seeds=(0,), probe_files=False, unfinished=False)
     result = run_analysis(planted.experiment, tmp_path / "out", tracking_uri=uri, log_to_mlflow=False)
     report = result.report_path.read_text()
-    assert "cannot tell" in report
     assert "one seed per setting" in report.lower()
     assert result.recommendation.can_tell is False
+    # No number from single runs: what is missing, and the command that supplies it.
+    assert result.recommendation.num_registers is None
+    assert "**No recommendation.**" in report and "Recommended number of registers" not in report
+    assert "--set 'seeds=[0,1,2]'" in report
     assert "(n=1)" in report  # intervals shown as undefined, not as zero width
     assert "No trial has probe artifacts" in report  # missing artifacts are reported, not a crash
+
+
+def test_models_that_did_not_learn_get_no_recommendation(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    planted = plant_sweep(uri, "untrained", sizes=("micro",), registers=(0, 4), lengths=(100,), seeds=(0, 1, 2),
+                          probe_files=False, unfinished=False, learned=False)
+    result = run_analysis(planted.experiment, tmp_path / "out", tracking_uri=uri, log_to_mlflow=False)
+    report = result.report_path.read_text()
+    assert result.recommendation.num_registers is None
+    assert "**No recommendation.**" in report and "Recommended number of registers" not in report
+    assert "micro at 100 steps did not learn" in report
+    assert "--set 'grid.steps=[400]'" in report
+    assert "micro, 100 steps: did NOT learn: val top-1" in report
+    assert list(pd.read_csv(tmp_path / "out" / "learning.csv")["learned"]) == ["NO"]

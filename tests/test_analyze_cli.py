@@ -41,6 +41,9 @@ def small_store(tmp_path_factory) -> str:
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("half")
     client.create_run(experiment_id, tags={"sweep.role": "trial", "axis.model_size": "micro"})  # stays RUNNING
+    client.create_experiment("empty")
+    failed = client.create_run(client.create_experiment("failed"), tags={"sweep.role": "trial", "failure_reason": "boom"})
+    client.set_terminated(failed.info.run_id, "FAILED")
     return uri
 
 
@@ -68,6 +71,18 @@ def test_unreachable_server_names_the_uri(tmp_path: Path):
 def test_no_finished_trials(small_store: str, tmp_path: Path):
     line = error_line(analyze("--experiment", "half", uri=small_store, cwd=tmp_path))
     assert "no finished trials" in line and "RUNNING" in line
+
+
+def test_empty_experiment(small_store: str, tmp_path: Path):
+    line = error_line(analyze("--experiment", "empty", "--out", "out", uri=small_store, cwd=tmp_path))
+    assert "'empty' holds no trial runs" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_failed_trials(small_store: str, tmp_path: Path):
+    line = error_line(analyze("--experiment", "failed", "--out", "out", uri=small_store, cwd=tmp_path))
+    assert "all 1 trial runs FAILED" in line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # plants a store and draws the figures in a subprocess

@@ -62,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {result.report_path}")
     print(f"trials: {len(result.sweep.trials)} analysed, {len(result.sweep.skipped)} skipped")
     print(f"artifacts in: {', '.join(result.sizes_with_artifacts) or 'no size'}")
-    print(f"recommended registers: {rec.num_registers if rec.num_registers is not None else 'none'}"
-          + ("" if rec.can_tell else " (the sweep cannot tell with confidence)"))
+    for check in result.learning:
+        print(f"learned? {check.sentence()}")
+    if rec.missing:
+        print("recommended registers: none, the data cannot support one yet:")
+        for reason in rec.missing:
+            print(f"  - {reason}")
+    else:
+        print(f"recommended registers: {rec.num_registers if rec.num_registers is not None else 'none'}"
+              + ("" if rec.can_tell else " (the sweep cannot tell with confidence)"))
     if result.analysis_run_id:
         print(f"analysis run: {result.analysis_run_id}")
     return 0

@@ -16,12 +16,16 @@ ANALYSIS_ROLE = "analysis"
 SWEEP_NAME_TAG = "sweep.name"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "trial_id"
+SPEC_FILE_TAG = "sweep.spec_file"  # on the parent run: the spec file the launch was started from
 AXIS_SIZE, AXIS_REGISTERS, AXIS_STEPS, AXIS_SEED = (
     "axis.model_size",
     "axis.num_registers",
     "axis.steps",
     "axis.seed",
 )
+# The class count of the data a trial trained on (chance = 1 / classes), tagged by the trainable.
+NUM_CLASSES_TAG = "data.num_classes"
+KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
 # Params that carry the same values, used when a trial lacks an axis tag (e.g. an axis that was not swept).
 AXIS_PARAM_FALLBACK = {
     AXIS_SIZE: "model.size",

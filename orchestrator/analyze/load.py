@@ -40,6 +40,8 @@ class Trial:
     seed: str
     artifact_uri: str | None
     other_axes: tuple[tuple[str, str], ...] = ()  # further swept keys (e.g. axis.optim.lr), pooled by the analysis
+    num_classes: int | None = None  # of the data it trained on; None when unknown
+    parent_run_id: str = ""  # the launch it belongs to
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,13 @@ def load_sweep(
     if parent_run is not None:
         trial_runs = [r for r in trial_runs if r.tags.get(cat.PARENT_TAG) == parent_run]
     trials, skipped, dropped = _classify(trial_runs)
+    scope = f" under parent run {parent_run}" if parent_run else ""
+    if not trial_runs:
+        raise AnalysisError(f"experiment {experiment!r} holds no trial runs{scope}: nothing to analyse yet")
+    if not trials and {s.status for s in skipped} == {"FAILED"}:
+        reasons = "; ".join(f"{s.run_id[:8]}: {s.reason}" for s in skipped[:3])
+        raise AnalysisError(f"experiment {experiment!r}: all {len(skipped)} trial runs{scope} FAILED ({reasons})")
     if not trials:
-        scope = f" under parent run {parent_run}" if parent_run else ""
         listed = "; ".join(f"{s.run_id[:8]} ({s.reason})" for s in skipped[:5])
         detail = f" ({len(skipped)} skipped: {listed})" if skipped else f" ({len(trial_runs)} trial runs found)"
         raise AnalysisError(f"experiment {experiment!r} has no finished trials{scope}{detail}")
@@ -278,7 +285,10 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             if size is None:
                 raise ValueError("model size")
             other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith("axis.") and k not in _STUDY_AXES))
-            trial = Trial(run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other)
+            trial = Trial(
+                run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
+                _num_classes(run), run.tags.get(cat.PARENT_TAG, ""),
+            )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes))
@@ -288,3 +298,17 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)
     return [trial for _, trial in kept.values()], skipped, dropped
+
+
+def _num_classes(run: _RawRun) -> int | None:
+    """The trainable's tag; for runs from before it, the config (shapes names its count)."""
+    value = run.tags.get(cat.NUM_CLASSES_TAG)
+    data = run.params.get("data.name")
+    if value is None and data in cat.KNOWN_CLASS_COUNTS:
+        return cat.KNOWN_CLASS_COUNTS[data]
+    if value is None and data in (None, "shapes"):
+        value = run.params.get("data.num_classes")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

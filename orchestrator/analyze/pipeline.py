@@ -14,6 +14,7 @@ from orchestrator.analyze.emergence import (
     emergence_points,
     outlier_points,
 )
+from orchestrator.analyze.learning import learning_checks
 from orchestrator.analyze.figures import (
     emergence_depth_figure,
     emergence_progress_figure,
@@ -63,6 +64,7 @@ def analyse_sweep(
     (out / "figures").mkdir(parents=True, exist_ok=True)
     points = outlier_points(sweep)
     stats = register_stats(sweep)
+    learning = learning_checks(sweep)
     result = AnalysisResult(
         sweep=sweep,
         out_dir=out,
@@ -71,7 +73,8 @@ def analyse_sweep(
         emergence=emergence_points(sweep, threshold),
         stats=stats,
         best=best_counts(stats),
-        recommendation=recommend(stats, threshold, metric_for_best),
+        recommendation=recommend(stats, threshold, metric_for_best, learning, sweep_command(sweep)),
+        learning=learning,
     )
     result.caveats = data_caveats(sweep, stats)
     _draw_metric_figures(result, points)
@@ -133,3 +136,16 @@ def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
             caveats.append(f"{len(trials) - have} of {len(trials)} trials did not log {spec.key} ({spec.label}).")
     return caveats
 
+
+def sweep_command(sweep: Sweep) -> str:
+    """The command that launched the sweep, for advice on what to run next: the spec file the
+    launch recorded on its parent run, or a placeholder."""
+    spec_files = set()
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    for parent in {t.parent_run_id for t in sweep.trials if t.parent_run_id}:
+        try:
+            spec_files.add(client.get_run(parent).data.tags.get(cat.SPEC_FILE_TAG) or "SPEC")
+        except Exception:  # a deleted parent run: advice only, never a failure
+            spec_files.add("SPEC")
+    spec = spec_files.pop() if len(spec_files) == 1 else "SPEC"
+    return f"python -m orchestrator.sweep {spec}"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import pandas as pd
 from scipy.special import stdtrit  # inverse Student t CDF; scipy.stats takes seconds to import
 
 from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.learning import LearningCheck
 from orchestrator.analyze.load import Sweep
 
 STATS_COLUMNS = ["model_size", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
@@ -99,9 +101,47 @@ class Recommendation:
     per_size: dict[str, int | None] = field(default_factory=dict)
     steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per size
     verdict: list[str] = field(default_factory=list)  # sentences for the report
+    missing: list[str] = field(default_factory=list)  # why there is no recommendation, and what would supply it
+    evidence: list[str] = field(default_factory=list)  # the numbers behind a recommendation
 
 
-def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "miou") -> Recommendation:
+def recommend(
+    stats: pd.DataFrame,
+    threshold: float,
+    metric_for_best: str = "miou",
+    learning: Sequence[LearningCheck] = (),
+    sweep_command: str = "python -m orchestrator.sweep SPEC",
+) -> Recommendation:
+    """The rule's answer, or none: where a judged setting did not learn or has one seed, a
+    number would be noise, so `missing` says what is lacking and which command supplies it."""
+    rec = _apply_rule(stats, threshold, metric_for_best)
+    if not rec.steps_used:
+        return rec
+    learned = {(c.model_size, c.steps): c for c in learning}
+    for size, steps in rec.steps_used.items():
+        check = learned.get((size, steps))
+        if check is not None and check.learned is False:
+            rec.missing.append(
+                f"{size} at {steps} steps did not learn (val top-1 {check.top1_mean:.3f}, chance {check.chance:.3f}): "
+                f"a register count chosen on untrained models means nothing. Train longer or on an easier task, "
+                f"e.g. `{sweep_command} --set 'grid.steps=[{steps * 4}]' --launch longer`."
+            )
+    seeds = stats[stats["metric"] == rec.metric]
+    judged = seeds[[rec.steps_used.get(size) == steps for size, steps in zip(seeds["model_size"], seeds["steps"])]]
+    if not judged.empty and int(judged["n"].min()) < 2:
+        rec.missing.append(
+            "each setting has one seed, so no interval tells a real difference from noise between seeds. "
+            f"Run more seeds: `{sweep_command} --set 'seeds=[0,1,2]' --launch seeds`, then analyse all launches "
+            "together (leave out --parent-run)."
+        )
+    if rec.missing:
+        rec.num_registers = None
+        rec.can_tell = False
+        rec.evidence = []
+    return rec
+
+
+def _apply_rule(stats: pd.DataFrame, threshold: float, metric_for_best: str) -> Recommendation:
     dense = cat.metric_spec(metric_for_best).short
     verdict: list[str] = []
     if dense not in set(stats["metric"]):
@@ -134,7 +174,34 @@ def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "mio
     choice = min(common) if common else None
     if choice is None:
         verdict.append("No register count meets the rule in every model size; see the per-size answers.")
-    return Recommendation(choice, dense, rule, can_tell, per_size, {k: int(v) for k, v in longest.items()}, verdict)
+    steps_used = {k: int(v) for k, v in longest.items()}
+    evidence = _evidence(stats, choice, spec, steps_used) if choice is not None else []
+    return Recommendation(choice, dense, rule, can_tell, per_size, steps_used, verdict, evidence=evidence)
+
+
+def _evidence(stats: pd.DataFrame, choice: int, spec: cat.MetricSpec, steps_used: dict[str, int]) -> list[str]:
+    """Per size: the chosen count's score and outliers beside the best count's score."""
+    lines = []
+    for size, steps in steps_used.items():
+        cell = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+        dense = cell[cell["metric"] == spec.short].set_index("num_registers")
+        if choice not in dense.index:
+            continue
+        best = best_counts(cell[cell["metric"] == spec.short])[0]
+        chosen = dense.loc[choice]
+        outliers = cell[cell["metric"] == "outlier_frac"].set_index("num_registers")["mean"]
+        outlier_text = f", output outlier fraction {outliers[choice]:.3g}" if choice in outliers.index else ""
+        lines.append(
+            f"{size} ({steps} steps, {int(chosen['n'])} seeds): {choice} registers give {spec.label} {_with_interval(chosen)}"
+            f"{outlier_text}; the best count, {best.best}, gives {_with_interval(dense.loc[best.best])}."
+        )
+    return lines
+
+
+def _with_interval(row: pd.Series) -> str:
+    if math.isnan(row["ci_low"]):
+        return f"{row['mean']:.4g}"
+    return f"{row['mean']:.4g} [95% interval {row['ci_low']:.4g} to {row['ci_high']:.4g}]"
 
 
 def _judge_size(group: pd.DataFrame, spec: cat.MetricSpec, threshold: float) -> tuple[set[int], list[str], bool]:

@@ -12,6 +12,8 @@ import pandas as pd
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.emergence import emergence_table
+from orchestrator.analyze.learning import RULE as LEARNING_RULE
+from orchestrator.analyze.learning import learning_table
 from orchestrator.analyze.registers import metric_table
 from orchestrator.analyze.result import AnalysisResult
 
@@ -69,6 +71,7 @@ def write_outputs(result: AnalysisResult) -> Path:
     result.stats.to_csv(out / "register_effect.csv", index=False)
     best_table(result).to_csv(out / "best_registers.csv", index=False)
     skipped_table(result).to_csv(out / "skipped_runs.csv", index=False)
+    learning_table(result.learning).to_csv(out / "learning.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
     report = out / "report.md"
     report.write_text(render_report(result, emergence))
@@ -93,7 +96,14 @@ def summary(result: AnalysisResult) -> dict:
             "can_tell": rec.can_tell,
             "per_size": rec.per_size,
             "steps_used": rec.steps_used,
+            "missing": rec.missing,
+            "evidence": rec.evidence,
         },
+        "learning": [
+            {"model_size": c.model_size, "steps": c.steps, "trials": c.trials, "num_classes": c.num_classes,
+             "chance": c.chance, "top1_mean": c.top1_mean, "top1_min": c.top1_min, "margin": c.margin, "learned": c.learned}
+            for c in result.learning
+        ],
         "figures": {name: str(path.relative_to(result.out_dir)) for name, path in result.figures.items()},
         "caveats": result.caveats,
     }
@@ -124,6 +134,12 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         "## Findings",
         "",
         *_findings(result),
+        "",
+        "## Did the models learn?",
+        "",
+        f"Val top-1 at the end of training beside chance, per model size and training length. Rule: {LEARNING_RULE}.",
+        "",
+        markdown_table(learning_table(result.learning)) if result.learning else "No trial logged val top-1.",
         "",
         "## Emergence of artifacts (trials without registers)",
         "",
@@ -185,19 +201,22 @@ def _findings(result: AnalysisResult) -> list[str]:
             )
         else:
             lines.append(f"- {p.model_size}, {p.steps} steps: no outlier-fraction metrics were logged.")
+    lines += [f"- {check.sentence()}" for check in result.learning]
     metric = cat.METRICS_BY_SHORT[rec.metric]
+    if rec.missing:
+        lines.append("- **No recommendation.** The data cannot support one yet:")
+        lines += [f"  - {reason}" for reason in rec.missing]
+        return lines
     if rec.num_registers is not None:
         per_size = ", ".join(f"{s}: {v if v is not None else 'none'}" for s, v in rec.per_size.items())
         lines.append(f"- **Recommended number of registers: {rec.num_registers}** (by {metric.label}; per size: {per_size}).")
+        lines.append(f"  - Rule: {rec.rule}.")
+        lines += [f"  - Evidence, {sentence}" for sentence in rec.evidence]
     else:
         lines.append("- **No register count can be recommended** by the rule below.")
     if not rec.can_tell:
         lines.append("- The sweep cannot tell the best register count with confidence: see the sentences below.")
     lines += [f"- {sentence}" for sentence in rec.verdict]
-    for b in result.best:
-        if b.metric != rec.metric:
-            continue
-        lines.append(f"- Best {metric.label} for {b.model_size} ({b.steps} steps): {b.best} registers ({b.mean:.4g}).")
     return lines
 
 

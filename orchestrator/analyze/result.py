@@ -10,6 +10,7 @@ import pandas as pd
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.emergence import EmergencePoint
+from orchestrator.analyze.learning import LearningCheck
 from orchestrator.analyze.load import Sweep
 from orchestrator.analyze.registers import BestCount, Recommendation
 
@@ -24,6 +25,7 @@ class AnalysisResult:
     stats: pd.DataFrame
     best: list[BestCount]
     recommendation: Recommendation
+    learning: list[LearningCheck] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
     caveats: list[str] = field(default_factory=list)
     report_path: Path | None = None

@@ -17,6 +17,7 @@ from orchestrator.stores.mlflow_runs import (
     FAILURE_TAG,
     LAUNCH_TAG,
     ROLE_TAG,
+    SPEC_FILE_TAG,
     SWEEP_TAG,
     child_runs,
     get_or_create_experiment,
@@ -53,7 +54,13 @@ def open_parent_run(client: MlflowClient, experiment_id: str, launch: Launch) ->
     run = client.create_run(
         experiment_id,
         run_name=f"{launch.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={ROLE_TAG: "parent", SWEEP_TAG: spec.name, LAUNCH_TAG: launch.name, "git_commit": launch.commit},
+        tags={
+            ROLE_TAG: "parent",
+            SWEEP_TAG: spec.name,
+            LAUNCH_TAG: launch.name,
+            SPEC_FILE_TAG: launch.spec_file,
+            "git_commit": launch.commit,
+        },
     )
     run_id = run.info.run_id
     client.log_param(run_id, "overrides", " ".join(launch.overrides) if launch.overrides else "(none)")

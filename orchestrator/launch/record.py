@@ -45,6 +45,7 @@ class Launch:
     found: LaunchRecord | None  # the record already in the folder, if any
     resumed: bool  # found a running launch that Tune can restore
     verbose: bool = False  # Ray's and Tune's own console output (--verbose)
+    spec_file: str = ""  # as given on the command line
 
 
 def storage_uri(storage: str) -> str:

@@ -142,6 +142,7 @@ def find_launch(
     overrides: Sequence[str],
     launch_name: str | None,
     verbose: bool = False,
+    spec_file: str = "",
 ) -> Launch:
     """The launch this command means: new, or an interrupted one to resume. Raises
     LaunchFinishedError when the folder holds a finished launch or another spec's."""
@@ -173,6 +174,7 @@ def find_launch(
         found=found,
         resumed=resumed,
         verbose=verbose,
+        spec_file=spec_file,
     )
 
 
@@ -195,8 +197,9 @@ def run_sweep(
     overrides: Sequence[str] = (),
     launch_name: str | None = None,
     verbose: bool = False,
+    spec_file: str = "",
 ) -> SweepOutcome:
-    launch = find_launch(spec, plan, plan_text, overrides, launch_name, verbose)
+    launch = find_launch(spec, plan, plan_text, overrides, launch_name, verbose, spec_file)
     mended = ensure_restorable(launch.path, launch.name) if launch.resumed else None
     if mended:
         print(f"Tune's saved {mended} in {launch.path} was torn by the crash; restored Tune's state from its staging copy")

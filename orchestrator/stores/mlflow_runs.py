@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 ROLE_TAG = "sweep.role"
 SWEEP_TAG = "sweep.name"
 LAUNCH_TAG = "sweep.launch"
+SPEC_FILE_TAG = "sweep.spec_file"
 TRIAL_ID_TAG = "trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"

@@ -35,6 +35,8 @@ from trainers.config import TrainConfig
 # "trial" -> DIVERGED_KEY before Tune retries the trial (orchestrator/trials/mlflow_logger.py).
 DIVERGED_KEY = "diverged"
 
+NUM_CLASSES_TAG = "data.num_classes"  # read back by orchestrator/analyze/learning.py
+
 # Beside the model state in every checkpoint: the metrics reported with it, reported again
 # when a restored trial turns out to be complete.
 REPORTED_METRICS_FILE = "reported_metrics.json"
@@ -95,6 +97,8 @@ def run_trial(config: dict[str, Any]) -> None:
     records = RecordBuffer()
     records.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
     trainer = Trainer(cfg, trial_device())
+    # Chance level for the analysis: 1 / the classes of the data actually loaded.
+    records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
