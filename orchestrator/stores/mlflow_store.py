@@ -37,7 +37,9 @@ from urllib.parse import quote
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-QUIET_S = 2.0  # a store file nobody changed for this long is not being created by anyone
+# A store file nobody changed for this long is not being created by anyone. Generous: on a
+# loaded machine a migrating process can go seconds without a write (alembic loading its scripts).
+QUIET_S = 5.0
 WAIT_S = 120.0  # at most this long for another process to finish creating a store
 POLL_S = 0.05
 
