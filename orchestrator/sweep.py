@@ -2,7 +2,8 @@
 
 Validates the spec, prints the plan, checks that data, MLflow and storage are reachable,
 then runs the sweep through Ray Tune with every trial logged to MLflow. Exit codes:
-0 done, 1 some trials failed, 2 bad spec or failed preflight (nothing was started),
+0 done, 1 some trials failed, 2 bad spec, failed preflight or an MLflow store that cannot
+be opened (no trial was started),
 130 interrupted (Ctrl-C; run the same command again to resume).
 """
 
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.launch.preflight import PreflightError, run_preflight
     from orchestrator.launch.run import LaunchFinishedError, run_sweep
     from orchestrator.launch.tune_state import TuneStateError
+    from orchestrator.stores.mlflow_store import StoreError
     from orchestrator.stores.mlflow_uri import default_tracking_uri
 
     tracking_uri = default_tracking_uri()
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(error))
     try:
         outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch, verbose=args.verbose, spec_file=args.spec)
-    except (LaunchFinishedError, TuneStateError) as error:
+    except (LaunchFinishedError, TuneStateError, StoreError) as error:
         return fail(str(error))
 
     print(

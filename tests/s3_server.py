@@ -7,12 +7,13 @@ exactly as it would with MinIO or AWS, so nothing in orchestrator/ knows about m
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import urllib.request
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 
 def free_port() -> int:
@@ -22,9 +23,17 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
+class S3Request:
+    method: str
+    path: str  # /bucket/key (path-style, as clients address a loopback endpoint)
+    access_key_id: str | None  # from the SigV4 Authorization header; None for an unsigned request
+
+
+@dataclass(frozen=True)
 class S3Endpoint:
     url: str
     secret_key: str  # a unique string, so tests can prove it never leaks into logs or runs
+    requests: list[S3Request] = field(default_factory=list)  # every request the server received
 
     def env(self) -> dict[str, str]:
         """The variables a sweep needs to reach this endpoint (set them in os.environ or a subprocess)."""
@@ -43,14 +52,34 @@ class S3Endpoint:
 @contextmanager
 def moto_s3_server() -> Iterator[S3Endpoint]:
     from moto.server import ThreadedMotoServer
+    from moto.moto_server import threaded_moto_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     port = free_port()
+    endpoint = S3Endpoint(url=f"http://127.0.0.1:{port}", secret_key=f"secret-{uuid.uuid4().hex}")
+    dispatcher = threaded_moto_server.DomainDispatcherApplication
+
+    def recording_app(*args: Any) -> Callable[..., Any]:
+        app = dispatcher(*args)
+
+        def record(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            signed = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+            endpoint.requests.append(
+                S3Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), signed.group(1) if signed else None)
+            )
+            return app(environ, start_response)
+
+        return record
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    threaded_moto_server.DomainDispatcherApplication = recording_app  # read once, as the server thread starts
+    try:
+        server.start()
+    finally:
+        threaded_moto_server.DomainDispatcherApplication = dispatcher
     # moto keeps its buckets per process, not per server: start each test from an empty store.
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10)
     try:
-        yield S3Endpoint(url=f"http://127.0.0.1:{port}", secret_key=f"secret-{uuid.uuid4().hex}")
+        yield endpoint
     finally:
         server.stop()

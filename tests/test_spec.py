@@ -122,6 +122,9 @@ BAD_SPECS = [
     ({"seeds": [0, -3]}, ["seeds[1]", "(got -3)"]),
     ({"name": "my sweep"}, ["name", "letters", "(got 'my sweep')"]),
     ({"storage": "s3://"}, ["storage", "bucket", "(got 's3://')"]),
+    ({"storage": "ftp://host/x"}, ["storage: unsupported URL scheme 'ftp'", "local directory or s3://", "(got 'ftp://host/x')"]),
+    ({"storage": "gs://bucket/x"}, ["storage: unsupported URL scheme 'gs'", "(got 'gs://bucket/x')"]),
+    ({"storage": "S3://bucket/x"}, ["storage: unsupported URL scheme 'S3'", "(got 'S3://bucket/x')"]),
     ({"max_concurrent": 0}, ["max_concurrent", "(got 0)"]),
     ({"max_failures": -1}, ["max_failures", "(got -1)"]),
 ]
@@ -361,3 +364,17 @@ def test_loading_does_not_start_ray_or_write_files(tmp_path: Path) -> None:
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True).stdout
     assert "train.steps" in out and out.strip().endswith("[]")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_dry_run_refuses_a_storage_url_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.sweep import main
+
+    path = write(tmp_path, BASE)
+    assert main([str(path), "--dry-run", "--set", "storage=ftp://host/x"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no plan naming ftp:// as Tune's storage
+    assert err.splitlines() == [
+        f"error: {path}: storage: unsupported URL scheme 'ftp'; use a local directory or s3://bucket/prefix"
+        " (got 'ftp://host/x')"
+    ]
+    assert main([str(path), "--dry-run", "--set", "storage=s3://bucket/sweeps"]) == 0

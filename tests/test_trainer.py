@@ -1,12 +1,16 @@
 """The training loop on CPU: it learns, it is deterministic, it resumes exactly, it fails fast."""
 
 import math
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from trainers.checkpoint import CheckpointError
 from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
-from trainers.loop import NonFiniteLossError, Trainer
+from trainers.loop import CHECKPOINT_FILE, NonFiniteLossError, Trainer
 from trainers.probes import names
 from trainers.tracking import MemoryTracker
 
@@ -95,6 +99,59 @@ def test_resumed_fit_matches_uninterrupted_fit(tmp_path) -> None:
     second.fit(second_log)
     stitched = first_log.history(names.TRAIN_LOSS) + second_log.history(names.TRAIN_LOSS)
     assert stitched == straight.history(names.TRAIN_LOSS)
+
+
+def draws() -> tuple[float, float, list[float]]:
+    return random.random(), float(np.random.random()), torch.rand(3).tolist()
+
+
+def test_checkpoint_restores_every_rng_and_loads_without_unpickling(tmp_path) -> None:
+    cfg = tiny_config()
+    Trainer(cfg, CPU).save(tmp_path)
+    expected = draws()  # what each generator gives next, right after the save
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # plain tensors and values only
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+
+    restored = Trainer(cfg.model_copy(update={"seed": 99}), CPU)  # reseeds every generator
+    assert draws() != expected
+    restored.load(tmp_path)
+    assert draws() == expected
+
+
+def _touch(path: str) -> str:
+    Path(path).write_text("code ran while loading")
+    return path
+
+
+class Payload:
+    """Unpickles by calling _touch: what a tampered checkpoint would run on each worker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_naming_the_file(tmp_path) -> None:
+    cfg = tiny_config()
+    trainer = Trainer(cfg, CPU)
+    state = trainer.state_dict()
+    marker = tmp_path / "marker"
+    state["rng"]["python"] = Payload(marker)
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save(state, folder / CHECKPOINT_FILE)
+
+    with pytest.raises(CheckpointError) as refused:
+        Trainer(cfg, CPU).load(folder)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {folder / CHECKPOINT_FILE} refused: it holds a pickled object (")
+    assert "_touch" in message and "weights_only=True" in message
+    assert not marker.exists()
+    torch.load(folder / CHECKPOINT_FILE, weights_only=False)  # the old way runs the payload
+    assert marker.read_text() == "code ran while loading"
 
 
 def test_non_finite_loss_fails_fast_naming_the_step() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
 from trainers.config import TrainConfig
 from trainers.data import build_data
 from trainers.data.base import Batch
@@ -188,12 +189,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),  # tensors and plain values: the file loads with weights_only=True
             "config": self.cfg.model_dump(),
         }
 
@@ -202,12 +198,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_state(state["rng"])
 
     def save(self, directory: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""
@@ -220,7 +211,8 @@ class Trainer:
         return target
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        # Never unpickles code: a checkpoint holding anything but tensors and plain values is refused.
+        state = load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=self.device)
         self.load_state_dict(state)
 
 

@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.launch.record import Launch, LaunchRecord, write_record
+from orchestrator.stores.mlflow_store import open_client
 from orchestrator.stores.mlflow_runs import (
     FAILURE_TAG,
     LAUNCH_TAG,
@@ -26,7 +27,7 @@ from orchestrator.stores.mlflow_runs import (
 
 def open_launch(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
     """A fresh launch gets a parent run and a record; a resumed one gets its parent run back."""
-    client = MlflowClient(launch.tracking_uri)  # a new SQLite store creates its schema here
+    client = open_client(launch.tracking_uri)  # a new SQLite store gets its schema here, safely
     found = launch.found
     if launch.resumed:
         assert found is not None

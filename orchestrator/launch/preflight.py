@@ -91,7 +91,7 @@ def check_storage(storage: str) -> None:
         _check_s3(storage, "storage")
         return
     if "://" in storage:
-        return  # other pyarrow filesystems (gs://, ...): Tune reports them itself
+        return  # other URLs never get here: the spec refuses them (orchestrator/spec/schema.py)
     path = Path(storage).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ray import tune
 
 from orchestrator.launch.console import results_table
+from orchestrator.launch.credentials import credentials_in_file
 from orchestrator.launch.record import Launch, LaunchRecord, launch_path, read_record
 from orchestrator.launch.tune_state import ensure_restorable
 from orchestrator.spec.plan import SweepPlan
@@ -207,22 +209,31 @@ def run_sweep(
     for module in IMPORTED_BY_BOTH:
         importlib.import_module(module)
     started_ray = False
-    try:
-        # MLflow's import, store set-up and parent run beside Ray's start; Ray stays on
-        # the main thread (it installs signal handlers there).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            opening = pool.submit(open_mlflow_side, launch)
-            started_ray = init_ray(verbose)
-            client, record = opening.result()
-        from orchestrator.launch.tuner import fit_launch
+    # AWS keys leave the environment before Ray starts and Tune builds trial actors, which
+    # would copy them into runtime envs that Ray logs (orchestrator/launch/credentials.py).
+    with credentials_in_file() as moved:
+        if moved is not None and os.environ.get("RAY_ADDRESS"):
+            print(
+                "note: AWS keys in this driver's environment are not handed to the cluster's trial workers; "
+                "they use their node's credentials (instance role, pod identity, ~/.aws): see README, Credentials",
+                file=sys.stderr,
+            )
+        try:
+            # MLflow's import, store set-up and parent run beside Ray's start; Ray stays on
+            # the main thread (it installs signal handlers there).
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                opening = pool.submit(open_mlflow_side, launch)
+                started_ray = init_ray(verbose)
+                client, record = opening.result()
+            from orchestrator.launch.tuner import fit_launch
 
-        results = fit_launch(launch, client, record)
-    finally:
-        if started_ray:
-            import ray
+            results = fit_launch(launch, client, record)
+        finally:
+            if started_ray:
+                import ray
 
-            # Now rather than at interpreter exit, where Ray's hook first sleeps half a second.
-            ray.shutdown()
+                # Now rather than at interpreter exit, where Ray's hook first sleeps half a second.
+                ray.shutdown()
     return SweepOutcome(
         spec.experiment_name,
         record.experiment_id,

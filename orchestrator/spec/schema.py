@@ -39,6 +39,7 @@ from trainers.probes import names
 SEED_AXIS = "seed"  # the seeds list is crossed with the grid as this axis (a path into train)
 MAX_TRIALS = 10_000  # more grid trials than this is a typo in a list, not a study
 USE_AWS_CHAIN = "remove them and use the standard AWS chain (AWS_PROFILE, AWS_* variables, an instance role)"
+STORAGE_SCHEMES = ("s3",)  # besides a local directory: what the preflight checks and the tests cover
 REPORTED_METRICS = (names.VAL_LOSS, names.VAL_TOP1, names.TRAIN_LOSS)
 
 
@@ -339,11 +340,19 @@ def _check_scheduler(spec: SweepSpec, scheduler: SchedulerConfig) -> None:
 
 
 def _check_storage(storage: str) -> None:
-    scheme, sep, rest = storage.partition("://")
-    if sep and not rest.strip("/"):
-        raise SpecError("storage", f"the URL needs a bucket, e.g. {scheme}://my-bucket/ray_results", storage)
     if has_credentials_in_url(storage):  # the value is not echoed: it holds a secret
         raise SpecError("storage", f"the URL holds credentials; {USE_AWS_CHAIN}")
+    scheme, sep, rest = storage.partition("://")
+    if not sep:
+        return  # a local directory
+    if scheme not in STORAGE_SCHEMES:
+        # pyarrow would accept some (gs://, hdfs://) and fail on others (ftp://) only once Tune
+        # starts; neither is checked by the preflight nor tested here.
+        raise SpecError(
+            "storage", f"unsupported URL scheme {scheme!r}; use a local directory or s3://bucket/prefix", storage
+        )
+    if not rest.strip("/"):
+        raise SpecError("storage", f"the URL needs a bucket, e.g. {scheme}://my-bucket/ray_results", storage)
 
 
 # ----------------------------------------------------------------------------- loading
