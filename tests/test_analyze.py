@@ -140,7 +140,7 @@ def test_parent_run_filter_and_unknown_parent(planted):
     assert len(load_sweep(sweep.experiment, uri, parent_run=sweep.parent_run_id).trials) == len(sweep.trial_run_ids)
     from orchestrator.analyze import AnalysisError
 
-    with pytest.raises(AnalysisError, match="no finished trials under parent run nope"):
+    with pytest.raises(AnalysisError, match="holds no trial runs under parent run nope"):
         load_sweep(sweep.experiment, uri, parent_run="nope")
 
 

@@ -154,3 +154,11 @@ def test_store_bench_reads_probe_cost_and_sizes_from_mlflow(tmp_path: Path) -> N
     assert result["artifact_bytes_per_trial_mean"] == 500
     assert 0 < result["probe_share_max"] and result["probe_share_mean"] == result["probe_share_max"] / 2
     assert result["metric_points_per_trial_max"] >= 1
+
+
+def test_startup_report_has_a_row_per_pair_and_the_median_saving() -> None:
+    from orchestrator.bench.startup import format_startup_result
+
+    result = {"pairs": [{"first": "beside", "beside": 5.0, "serial": 6.5, "saved": 1.5}], "median_saved_s": 1.5}
+    text = format_startup_result(result)
+    assert "beside" in text.splitlines()[1] and text.endswith("median saved per launch: 1.50 s")

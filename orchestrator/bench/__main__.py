@@ -1,8 +1,9 @@
-"""`python -m orchestrator.bench {trainer,overhead,store} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,overhead,store,startup} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
+startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
 
 With --json the last line of stdout is one JSON object with the figures.
 """
@@ -56,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     store.add_argument("--experiment", required=True, help="MLflow experiment (the sweep name)")
     store.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     store.add_argument("--json", action="store_true", help="end with one JSON line")
+    startup = sub.add_parser("startup", help="Ray's start and MLflow's store, together against one after the other")
+    startup.add_argument("--repeat", type=positive_int, default=5, help="pairs to measure, alternating which goes first")
+    startup.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser.parse_args(argv)
 
 
@@ -76,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = run_trainer_bench(settings, device)
         print(format_trainer_result(result))
+    elif args.bench == "startup":
+        from orchestrator.bench.startup import format_startup_result, run_startup_bench
+
+        result = run_startup_bench(args.repeat)
+        print(format_startup_result(result))
     elif args.bench == "store":
         from orchestrator.bench.store import format_store_result, measure_store
 

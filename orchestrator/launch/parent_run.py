@@ -1,7 +1,8 @@
 """The MLflow side of a launch: its parent run, and the trial runs a crash or Ctrl-C leaves open.
 
-launch.py imports this module in a thread that runs beside Ray's start: importing MLflow
-(1-2 s of CPU) and creating a new store's schema (about 1 s) then overlap with it.
+orchestrator/launch/run.py imports this module and opens the store in a thread that runs
+beside Ray's start: importing MLflow (1-2 s of CPU) and creating a new store's schema (about
+1 s) then overlap with it. The runs themselves are written once Ray is up (`open_launch`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from orchestrator.stores.mlflow_runs import (
 )
 
 
-def open_launch(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
+def open_store(launch: Launch) -> MlflowClient:
+    """The launch's MLflow store; a new SQLite store gets its schema here, safely."""
+    return open_client(launch.tracking_uri)
+
+
+def open_launch(launch: Launch, client: MlflowClient) -> LaunchRecord:
     """A fresh launch gets a parent run and a record; a resumed one gets its parent run back."""
-    client = open_client(launch.tracking_uri)  # a new SQLite store gets its schema here, safely
     found = launch.found
     if launch.resumed:
         assert found is not None
@@ -37,7 +42,7 @@ def open_launch(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
             f"Resuming launch {launch.name!r} from {launch.path} "
             f"(parent run {found.parent_run_id}; {closed} interrupted trial runs)"
         )
-        return client, found
+        return found
     if found is not None:
         # Killed before Tune saved anything to restore from: close the old runs, start over.
         abandon_launch(client, found)
@@ -47,7 +52,7 @@ def open_launch(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
     parent_run_id = open_parent_run(client, experiment_id, launch)
     record = LaunchRecord(parent_run_id, experiment_id, launch.spec_digest, "running")
     write_record(launch.path, record)
-    return client, record
+    return record
 
 
 def open_parent_run(client: MlflowClient, experiment_id: str, launch: Launch) -> str:

@@ -16,21 +16,20 @@ reports its result again; its run, found FINISHED, is left as it was. Errored tr
 errored.
 
 Start-up order, for speed: this module imports Ray and Tune but not MLflow. Ray's start is
-seconds of waiting on its processes, so a thread meanwhile imports MLflow, sets up the
-store and opens the parent run (orchestrator/launch/parent_run.py); the Tuner is built once both
-are done (orchestrator/launch/tuner.py).
+seconds of waiting on its processes, so a thread meanwhile imports MLflow and opens the store
+(`start_ray_beside_mlflow`); then the parent run is opened (orchestrator/launch/parent_run.py)
+and the Tuner built (orchestrator/launch/tuner.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -39,7 +38,7 @@ from ray import tune
 
 from orchestrator.launch.console import results_table
 from orchestrator.launch.credentials import credentials_in_file
-from orchestrator.launch.record import Launch, LaunchRecord, launch_path, read_record
+from orchestrator.launch.record import Launch, launch_path, read_record
 from orchestrator.launch.tune_state import ensure_restorable
 from orchestrator.spec.plan import SweepPlan
 from orchestrator.spec.schema import SweepSpec
@@ -51,24 +50,6 @@ if TYPE_CHECKING:
 
 PACKAGE_DIRS = ("orchestrator", "trainers")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds PACKAGE_DIRS
-
-# Modules that Ray's start (main thread) and the MLflow thread both import, found by
-# tests/test_launch_imports.py for the pinned Ray and MLflow. They are imported before the
-# thread starts: two threads importing modules that import each other can deadlock.
-IMPORTED_BY_BOTH = (
-    "click",
-    "timeit",
-    "opentelemetry.metrics",
-    "opentelemetry.proto",
-    "opentelemetry.sdk.environment_variables._internal",
-    "opentelemetry.sdk.resources",
-    "opentelemetry.sdk.util._configurator",
-    "opentelemetry.sdk.util.instrumentation",
-    "opentelemetry.semconv._incubating.attributes.otel_attributes",
-    "opentelemetry.semconv._incubating.metrics.otel_metrics",
-    "opentelemetry.trace",
-)
-
 
 @dataclass
 class SweepOutcome:
@@ -180,16 +161,62 @@ def find_launch(
     )
 
 
-def open_mlflow_side(launch: Launch) -> tuple[MlflowClient, LaunchRecord]:
-    from orchestrator.launch.parent_run import open_launch
+def open_mlflow_store(launch: Launch) -> MlflowClient:
+    """MLflow's import, the store (a new one gets its schema) and the Tune side's imports: the
+    work that runs in a thread beside Ray's start. It writes no run, so it can be done again."""
+    from orchestrator.launch.parent_run import open_store
 
     if not launch.verbose:
         # MLflow's import set its logger to INFO ("Creating initial MLflow database tables...").
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    opened = open_launch(launch)
+    client = open_store(launch)
     import orchestrator.launch.tuner  # noqa: F401  (the trainable's and callbacks' imports, off the main thread too)
 
-    return opened
+    return client
+
+
+def may_be_import_race(error: BaseException) -> bool:
+    """An error that two threads importing at once can cause. When they import modules that
+    import each other in opposite orders, CPython does not hang: it lets one thread go on with
+    the other's partially initialised module ("deadlock detected by _ModuleLock(...)" inside
+    importlib), and an import then fails in one thread or both. A genuine ImportError (a
+    missing package) fails again when that side is redone alone, and is raised then."""
+    return isinstance(error, ImportError) or (
+        isinstance(error, RuntimeError) and "deadlock detected" in str(error)
+    ) or (isinstance(error, AttributeError) and "partially initialized module" in str(error))
+
+
+def start_ray_beside_mlflow(launch: Launch, verbose: bool) -> tuple[bool, MlflowClient]:
+    """Ray starts on this thread (it installs signal handlers here) while another imports MLflow
+    and opens the store: on 2 cores that overlap saves 1-4 s per launch (docs/performance.md).
+
+    Both sides import modules at the same time. Should a dependency ever make them import two
+    modules that import each other in opposite orders, CPython does not hang but an import
+    fails (`may_be_import_race`); that side is then done again alone, once the other has
+    finished. So a change in Ray or MLflow can cost the overlap, never the launch, and no
+    hand-kept list of shared modules is needed. Returns (whether this call started Ray, the
+    MLflow client)."""
+    import ray
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(open_mlflow_store, launch)
+        try:
+            started_ray = init_ray(verbose)
+        except Exception as error:
+            if not may_be_import_race(error):
+                raise
+            wait([opening])
+            ray.shutdown()
+            started_ray = init_ray(verbose)
+        try:
+            client = opening.result()
+        except Exception as error:
+            if not may_be_import_race(error):
+                if started_ray:
+                    ray.shutdown()  # the caller never learns that Ray was started here
+                raise
+            client = open_mlflow_store(launch)
+    return started_ray, client
 
 
 def run_sweep(
@@ -206,8 +233,6 @@ def run_sweep(
     if mended:
         print(f"Tune's saved {mended} in {launch.path} was torn by the crash; restored Tune's state from its staging copy")
 
-    for module in IMPORTED_BY_BOTH:
-        importlib.import_module(module)
     started_ray = False
     # AWS keys leave the environment before Ray starts and Tune builds trial actors, which
     # would copy them into runtime envs that Ray logs (orchestrator/launch/credentials.py).
@@ -219,13 +244,11 @@ def run_sweep(
                 file=sys.stderr,
             )
         try:
-            # MLflow's import, store set-up and parent run beside Ray's start; Ray stays on
-            # the main thread (it installs signal handlers there).
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                opening = pool.submit(open_mlflow_side, launch)
-                started_ray = init_ray(verbose)
-                client, record = opening.result()
+            started_ray, client = start_ray_beside_mlflow(launch, verbose)
+            from orchestrator.launch.parent_run import open_launch
             from orchestrator.launch.tuner import fit_launch
+
+            record = open_launch(launch, client)
 
             results = fit_launch(launch, client, record)
         finally:
