@@ -92,3 +92,22 @@ def background_images(
     red = red.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
     noise = torch.randn(count, 2, img_size, img_size, generator=generator)
     return torch.cat([red, noise], dim=1), chosen
+
+
+def planted_trial_checkpoint(folder, cfg, *, layer: int = 1, unit: int = 7, positions: list[int] | None = None, seed: int = 0):
+    """A trainer_state.pt (trainers/loop.py's format) in `folder` whose model, built from `cfg`
+    (a TrainConfig), carries a register neuron planted at fixed patch positions (default: every
+    eighth patch), so it makes artifacts on any data. Returns the file's path."""
+    from pathlib import Path
+
+    from trainers.model import build_model
+
+    torch.manual_seed(seed)
+    patches = cfg.model.num_patches
+    model = build_model(cfg.model, cfg.data.num_classes).eval()
+    plant_register_neuron(model, layer=layer, unit=unit, by="position", positions=positions or list(range(0, patches, 8)), seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "trainer_state.pt"
+    torch.save({"step": cfg.steps, "model": model.state_dict(), "config": cfg.model_dump()}, path)
+    return path
