@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.inspect.store import StoreError, trial_checkpoint
+from orchestrator.stores.trial_checkpoints import StoreError, trial_checkpoint
 from trainers.pretrained import WeightsError, check_architecture, hub_weights
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
