@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from planted_store import plant_sweep
 
 from orchestrator.analyze import run_analysis
 from orchestrator.analyze.test_time import MOVED, TTR_ROW, UNREADABLE, comparison_table
-from planted_store import plant_sweep
 
 pytestmark = pytest.mark.slow  # planting, four checkpoints measured twice, and the analysis' figures: ~35 s on 2 cores
 

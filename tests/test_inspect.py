@@ -15,10 +15,10 @@ import pytest
 import timm
 import torch
 from mlflow.tracking import MlflowClient
+from planted_neuron import planted_trial_checkpoint
 from safetensors.torch import save_file
 
 from orchestrator.inspect.__main__ import main
-from planted_neuron import planted_trial_checkpoint
 from trainers.config import DataConfig, ModelConfig, ProbeConfig, TrainConfig
 from trainers.pretrained import WeightsError, load_timm
 from trainers.probes import names
@@ -122,7 +122,7 @@ def test_a_hub_name_from_the_local_cache_works_offline(weights, tmp_path, monkey
 
 def _run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "orchestrator.inspect", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "orchestrator.inspect", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub-unreachable"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from planted_neuron import background_images, plant_register_neuron
+
 from trainers.config import ModelConfig, ProbeConfig
 from trainers.data.base import Batch
 from trainers.model import build_model

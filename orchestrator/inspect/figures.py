@@ -11,8 +11,8 @@ matplotlib's object API with an Agg canvas: nothing touches pyplot's global stat
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

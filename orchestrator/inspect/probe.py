@@ -109,11 +109,11 @@ def inspect_model(item: ResolvedModel, opts: InspectOptions) -> list[Inspection]
 def _inspections(
     item, result: Comparison, opts, model, model_name: str, img_size: int, data: str, cutoff: float, start: float
 ) -> list[Inspection]:
-    common = dict(
-        label=item.label, kind=item.kind, model_name=model_name, num_registers=int(model.num_reg_tokens),
-        depth=len(model.blocks), patch_size=int(model.patch_embed.patch_size[0]), img_size=img_size, data=data,
-        cutoff=cutoff,
-    )
+    common = {
+        "label": item.label, "kind": item.kind, "model_name": model_name, "num_registers": int(model.num_reg_tokens),
+        "depth": len(model.blocks), "patch_size": int(model.patch_embed.patch_size[0]), "img_size": img_size,
+        "data": data, "cutoff": cutoff,
+    }
     search = result.search.summary() if result.search is not None else None
     base = Inspection(variant=AS_TRAINED, scalars=result.baseline.scalars, files=result.baseline.files, search=search, **common)
     found = []

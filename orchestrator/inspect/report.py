@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,7 +90,7 @@ def table1_frame(inspections: Sequence[Inspection]) -> pd.DataFrame:
 
 
 def _pct(value: float) -> str:
-    return "n/a" if value != value else f"{100 * value:.2f}%"
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def findings(inspections: Sequence[Inspection], frame: pd.DataFrame) -> list[str]:
@@ -152,8 +153,10 @@ def write_report(inspections: Sequence[Inspection], out: Path, *, experiment: st
         "# Inspection: artifact tokens in pretrained models",
         "",
         f"MLflow experiment `{experiment}` at `{tracking_uri}`; one run per model below (column `run`).",
-        "Outliers: the probes' scale-free detector on output patch norms (docs/probes.md); the absolute cutoff "
-        f"per model: {', '.join(f'{c:g}' for c in sorted(set(cutoffs)))}.",
+        (
+            "Outliers: the probes' scale-free detector on output patch norms (docs/probes.md); the absolute cutoff "
+            f"per model: {', '.join(f'{c:g}' for c in sorted(set(cutoffs)))}."
+        ),
         "",
         "## Findings",
         "",
@@ -166,9 +169,12 @@ def write_report(inspections: Sequence[Inspection], out: Path, *, experiment: st
         *[f"![{FIGURE_TITLES[name]}]({path.relative_to(out).as_posix()})\n" for name, path in figures.items()],
         "## What outliers hold (paper Table 1)",
         "",
-        "Held-out linear probes on one output token: patch position and pixels (local information), image class "
-        "(global information). `outlier` vs `normal` (normal patches drawn to the outliers' count where a model has "
-        "outliers, else up to 2048 normal patches); the outlier columns are empty where a model has too few outliers.",
+        (
+            "Held-out linear probes on one output token: patch position and pixels (local information), image class "
+            "(global information). `outlier` vs `normal` (normal patches drawn to the outliers' count where a model "
+            "has outliers, else up to 2048 normal patches); the outlier columns are empty where a model has too few "
+            "outliers."
+        ),
         "",
         markdown_table(table1),
         "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.inspect.probe import TEST_TIME, InspectOptions, Inspection
+from orchestrator.inspect.probe import TEST_TIME, Inspection, InspectOptions
 from orchestrator.inspect.sources import TRIAL, ResolvedModel
 from orchestrator.inspect.store import InspectionStore
 

@@ -89,7 +89,7 @@ def eval_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...
     from torchvision import transforms
 
     return transforms.Compose([
-        transforms.Resize(int(round(img_size / crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(round(img_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(mean, std),

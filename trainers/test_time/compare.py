@@ -10,8 +10,8 @@ batch for the search (never the probe images).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,7 +20,11 @@ from trainers.data.base import Batch
 from trainers.probes import names
 from trainers.probes.report import ProbeReport, run_probes
 from trainers.test_time.intervention import test_time_register
-from trainers.test_time.search import NeuronSearch, TestTimeRegisterConfig, find_register_neurons
+from trainers.test_time.search import (
+    NeuronSearch,
+    TestTimeRegisterConfig,
+    find_register_neurons,
+)
 
 Top1 = Callable[[torch.nn.Module], float]
 

@@ -9,7 +9,7 @@ register, so the probes measure it like a trained one.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer

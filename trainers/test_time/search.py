@@ -10,8 +10,8 @@ does); keep the top-k over blocks 0..max_layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from pydantic import Field
