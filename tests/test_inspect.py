@@ -227,3 +227,25 @@ def test_an_image_folder_and_a_tar_shard(weights, tmp_path):
         images = load_images(str(source), img_size=28, mean=(0.5,) * 3, std=(0.5,) * 3, probe_size=6, search_size=4)
         assert images.probe.images.shape == (6, 3, 28, 28) and images.search.shape == (4, 3, 28, 28)
         assert set(images.probe.labels.tolist()) <= classes
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores: a ViT-Ti at 224 probed twice, plus the figures
+def test_a_planted_timm_file_with_a_test_time_register(tmp_path, monkeypatch, capsys):
+    """The whole command on a timm model: a register neuron planted at every eighth patch
+    position of a random-init ViT-Ti/16, saved as a file, found and moved with the generic defaults."""
+    from planted_neuron import plant_register_neuron
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, pretrained=False).eval()
+    plant_register_neuron(model, layer=3, unit=11, by="position", positions=list(range(0, 196, 8)))
+    save_file(model.state_dict(), tmp_path / "planted.safetensors")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [f"{TINY}={tmp_path / 'planted.safetensors'}", "--test-time-registers", "--images", "8", "--search-images", "8"]
+    assert main([*args, "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    runs = {r.data.tags["inspect.variant"]: r.data for r in store_runs(uri) if r.data.tags["sweep.role"] == "inspection"}
+    assert runs["as trained"].metrics[OUTPUT_FRAC] == pytest.approx(25 / 196)
+    assert runs["test-time register"].metrics[OUTPUT_FRAC] == 0.0
+    assert runs["test-time register"].params["ttr.detector"] == "robust" and runs["test-time register"].params["ttr.max_layer"] == "7"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    neurons = summary[1]["search"]["neurons"]
+    assert (neurons[0]["layer"], neurons[0]["unit"]) == (3, 11)
