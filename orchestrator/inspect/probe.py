@@ -73,7 +73,7 @@ def inspect_model(item: ResolvedModel, opts: InspectOptions) -> list[Inspection]
     device = torch.device(opts.device)
     if item.kind == TRIAL:
         trial = load_trial_checkpoint(item.weights, device)
-        model, arch, cfg = trial.model, None, trial.config
+        model, cfg = trial.model, trial.config
         model_name, img_size = f"{cfg.model.label}, {trial.step} steps", cfg.model.img_size
         ttr = ttr_config(None, opts.ttr_overrides, opts.search_images) if opts.test_time_registers else None
         probe_cfg = cfg.probe.model_copy(update={
