@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from trainers.checkpoint import CheckpointError, load_checkpoint
 from trainers.config import TrainConfig
 from trainers.model import build_model
 
@@ -197,8 +198,10 @@ def load_trial_checkpoint(path: Path, device: torch.device | str = "cpu") -> Tri
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no trial checkpoint at {path}")
-    # Our own trainer's file: it holds numpy and Python RNG states, which weights_only refuses.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # never unpickles code (trainers/checkpoint.py): tensors and plain values only
+        state = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise WeightsError(f"{path} is not a trainer checkpoint (needs 'model' and 'config')")
     cfg = TrainConfig.model_validate(state["config"])

@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         # Phase 2: probe and log one model at a time (big models are not all held in memory).
         from orchestrator.inspect.report import write_report
         from orchestrator.inspect.runs import log_inspection
+        from orchestrator.stores.mlflow_store import StoreError
 
-        store = InspectionStore(uri, args.experiment)
+        try:
+            store = InspectionStore(uri, args.experiment)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         inspections, cutoffs = [], []
         for item in resolved:
             start = time.perf_counter()

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 
 from orchestrator.stores.mlflow_runs import ROLE_TAG, get_or_create_experiment
+from orchestrator.stores.mlflow_store import open_client
 from orchestrator.stores.mlflow_uri import default_tracking_uri
 from trainers.probes import names
 
@@ -32,7 +32,7 @@ class InspectionStore:
     """Writes the inspection experiment. Created only after every model and the data resolved."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)  # a new SQLite store is created safely beside other processes
         self.uri = uri
         self.experiment = experiment
         self.experiment_id = get_or_create_experiment(self.client, experiment)
