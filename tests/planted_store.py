@@ -123,6 +123,20 @@ def _log_probe_files(client: MlflowClient, run_id: str, size: str, regs: int, st
         client.log_artifacts(run_id, str(Path(tmp) / "probes"), "probes")
 
 
+def _planted_checkpoint(folder: Path, size: str, steps: int, seed: int) -> Path:
+    from planted_neuron import planted_trial_checkpoint
+    from trainers.config import DataConfig, ModelConfig, ProbeConfig, TrainConfig
+
+    cfg = TrainConfig(
+        model=ModelConfig(size=size, patch_size=4, img_size=32),
+        data=DataConfig(name="shapes", val_size=64),
+        probe=ProbeConfig(batch_size=32),
+        steps=steps,
+        seed=seed,
+    )
+    return planted_trial_checkpoint(folder, cfg, seed=seed).parent
+
+
 def _trial_tags(parent: str, sweep: str, size: str, regs: int, steps: int, seed: int) -> dict[str, str]:
     return {
         "mlflow.parentRunId": parent,
@@ -150,8 +164,15 @@ def plant_sweep(
     probe_metrics: bool = True,
     unfinished: bool = True,
     learned: bool = True,
+    checkpoints: Path | None = None,
 ) -> PlantedSweep:
-    """Write the planted sweep into `tracking_uri` and return the run ids."""
+    """Write the planted sweep into `tracking_uri` and return the run ids.
+
+    checkpoints: a folder for real final checkpoints of the no-register trials (tagged
+    checkpoint_uri, as the sweep driver does): random-init models of each size with a
+    register neuron planted at every eighth patch position (tests/planted_neuron.py), so a
+    test-time register has artifacts to move.
+    """
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.create_experiment(experiment)
     parent = client.create_run(experiment_id, tags={"sweep.role": "parent", "sweep.name": experiment}, run_name="launch")
@@ -170,6 +191,9 @@ def plant_sweep(
                         params=[Param(k, v) for k, v in params.items()],
                         tags=[RunTag("mlflow.runName", f"{size}-r{regs}-s{steps}-seed{seed}")],
                     )
+                    if checkpoints is not None and regs == 0:
+                        folder = _planted_checkpoint(checkpoints / run_id, size, steps, seed)
+                        client.set_tag(run_id, "checkpoint_uri", str(folder))
                     if probe_files and seed == seeds[0] and steps == max(lengths) and regs in ARTIFACT_REGISTERS:
                         _log_probe_files(client, run_id, size, regs, steps, rng)
                     client.set_terminated(run_id, "FINISHED")

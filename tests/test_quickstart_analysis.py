@@ -48,6 +48,9 @@ def test_quickstart_sweep_then_analysis(tmp_path) -> None:
     assert "python -m orchestrator.sweep sweeps/quickstart.yaml --set 'grid.steps=[32]'" in report
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figures, "the analysis drew no figures"
+    # Test-time registers found every no-register trial's final checkpoint through its run's tag.
+    test_time = (out / "test_time_registers.csv").read_text().splitlines()
+    assert len(test_time) == 3 and "no checkpoint" not in "".join(test_time[1:]), test_time
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("quickstart")

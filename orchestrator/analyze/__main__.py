@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tracking-uri", default=None, help="overrides MLFLOW_TRACKING_URI")
     parser.add_argument("--no-log", action="store_true", help="do not log an analysis run to MLflow")
+    parser.add_argument(
+        "--no-test-time-registers",
+        action="store_true",
+        help="skip loading the no-register trials' final checkpoints to measure them with a test-time register",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.threshold < 1:
         parser.error(f"--threshold must be a fraction in [0, 1), got {args.threshold}")
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold,
         metric_for_best=args.metric_for_best,
         log_to_mlflow=not args.no_log,
+        test_time_registers=not args.no_test_time_registers,
     )
     rec = result.recommendation
     print(f"report: {result.report_path}")

@@ -30,6 +30,7 @@ from orchestrator.analyze.registers import (
 )
 from orchestrator.analyze.report import write_outputs
 from orchestrator.analyze.result import AnalysisResult
+from orchestrator.analyze.test_time import compare_trials
 
 
 def run_analysis(
@@ -41,13 +42,15 @@ def run_analysis(
     threshold: float = 0.01,
     metric_for_best: str = "miou",
     log_to_mlflow: bool = True,
+    test_time_registers: bool = True,
 ) -> AnalysisResult:
     """Analyse the finished trials of `experiment`, write the results to `out_dir`, and
     (unless log_to_mlflow is False) log them as an `analysis` run in the same experiment."""
     cat.metric_spec(metric_for_best)  # fail on a typo before any work
     sweep = load_sweep(experiment, tracking_uri, parent_run)
     return analyse_sweep(sweep, out_dir, parent_run=parent_run, threshold=threshold,
-                         metric_for_best=metric_for_best, log_to_mlflow=log_to_mlflow)
+                         metric_for_best=metric_for_best, log_to_mlflow=log_to_mlflow,
+                         test_time_registers=test_time_registers)
 
 
 def analyse_sweep(
@@ -58,8 +61,10 @@ def analyse_sweep(
     threshold: float = 0.01,
     metric_for_best: str = "miou",
     log_to_mlflow: bool = True,
+    test_time_registers: bool = True,
 ) -> AnalysisResult:
-    """The analysis of an already loaded sweep (see run_analysis)."""
+    """The analysis of an already loaded sweep (see run_analysis). test_time_registers: load every
+    no-register trial's final checkpoint and measure it with a test-time register (analyze/test_time.py)."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     points = outlier_points(sweep)
@@ -77,6 +82,9 @@ def analyse_sweep(
         learning=learning,
     )
     result.caveats = data_caveats(sweep, stats)
+    if test_time_registers:
+        result.test_time = compare_trials(sweep)
+        result.caveats += result.test_time.notes
     _draw_metric_figures(result, points)
     with tempfile.TemporaryDirectory(prefix="analysis-artifacts-") as cache:
         reader = ArtifactReader(MlflowClient(tracking_uri=sweep.tracking_uri), Path(cache))

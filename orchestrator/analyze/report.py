@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.analyze import catalog as cat
+from orchestrator.analyze import test_time
 from orchestrator.analyze.emergence import emergence_table
 from orchestrator.analyze.learning import RULE as LEARNING_RULE
 from orchestrator.analyze.learning import learning_table
@@ -72,6 +73,8 @@ def write_outputs(result: AnalysisResult) -> Path:
     best_table(result).to_csv(out / "best_registers.csv", index=False)
     skipped_table(result).to_csv(out / "skipped_runs.csv", index=False)
     learning_table(result.learning).to_csv(out / "learning.csv", index=False)
+    if result.test_time is not None:
+        test_time.write_outputs(result.test_time, out)
     (out / "summary.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
     report = out / "report.md"
     report.write_text(render_report(result, emergence))
@@ -163,6 +166,7 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
     best = best_table(result)
     lines += ["### Best register count per size and metric", "", markdown_table(best) if not best.empty else "none", ""]
     lines += _figure_links(result, lambda name: name == "register_effect")
+    lines += _test_time_lines(result)
     lines += ["## Norms and attention (probe artifacts)", ""]
     lines += _figure_links(result, lambda name: name in ("norm_hist_output", "norm_distributions", "attention_maps"))
     lines += ["## Caveats", ""] + [f"- {c}" for c in result.caveats or ["none"]] + [""]
@@ -170,6 +174,15 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
     if not skipped.empty:
         lines += ["### Skipped runs", "", markdown_table(skipped), ""]
     return "\n".join(lines)
+
+
+def _test_time_lines(result: AnalysisResult) -> list[str]:
+    if result.test_time is None:
+        return []
+    lines = ["## Test-time registers beside trained registers", "", test_time.INTRO, ""]
+    for heading, table in test_time.report_tables(result.stats, result.test_time):
+        lines += [f"### {heading}", "", markdown_table(table), ""]
+    return lines or ["No trial without registers: nothing to compare.", ""]
 
 
 def _findings(result: AnalysisResult) -> list[str]:

@@ -13,6 +13,7 @@ from orchestrator.analyze.emergence import EmergencePoint
 from orchestrator.analyze.learning import LearningCheck
 from orchestrator.analyze.load import Sweep
 from orchestrator.analyze.registers import BestCount, Recommendation
+from orchestrator.analyze.test_time import TestTimeComparison
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AnalysisResult:
     best: list[BestCount]
     recommendation: Recommendation
     learning: list[LearningCheck] = field(default_factory=list)
+    test_time: TestTimeComparison | None = None  # test-time registers on the no-register trials (None: not run)
     figures: dict[str, Path] = field(default_factory=dict)
     caveats: list[str] = field(default_factory=list)
     report_path: Path | None = None

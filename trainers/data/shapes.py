@@ -243,3 +243,11 @@ class ShapesSource:
                 f"probe batch of {size} images is larger than the shapes val split ({n}): raise data.val_size"
             )
         return self._render("val", torch.arange(size), size=self.img_size)
+
+    def val_images(self, start: int, count: int, *, normalise: bool = True) -> Batch:
+        """Validation images start .. start + count - 1; normalise=False gives plain 0..1 RGB, for a
+        pretrained model that brings its own input normalisation (orchestrator/inspect)."""
+        n = len(self._splits["val"][2])
+        if start + count > n:
+            raise ValueError(f"{start + count} val images asked of a shapes val split of {n}: raise val_size")
+        return self._render("val", torch.arange(start, start + count), size=self.img_size, normalise=normalise)

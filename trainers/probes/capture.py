@@ -66,7 +66,8 @@ def capture(model: VisionTransformer, images: torch.Tensor) -> Capture:
     ]
     batch, _, height, width = images.shape
     embed = grabbed["patch_embed"]
-    num_registers = int(model.reg_token.shape[1]) if model.reg_token is not None else 0
+    # From the prefix count, not reg_token: a test-time register (trainers/test_time) has no parameter.
+    num_registers = int(model.num_prefix_tokens) - int(model.cls_token is not None)
     return Capture(
         block_tokens=[t.float() for t in block_tokens],
         features=features.float(),

@@ -87,7 +87,8 @@ def _measure(vit: VisionTransformer, batch: Batch, cfg: ProbeConfig, figures: bo
     generator = torch.Generator().manual_seed(SEED)
     patches = cap.features[:, cap.num_prefix :]
     scalars.update(token_probes(patches, outliers, patch_pixels(images, cap.grid), generator))
-    num_classes = vit.num_classes or int(batch.labels.max()) + 1
+    # A pretrained head may have fewer classes than the probe data (or none): the probe needs every label.
+    num_classes = max(vit.num_classes, int(batch.labels.max()) + 1)
     scalars.update(
         class_probes(
             cap.features, batch.labels, num_classes, cap.num_prefix, cap.has_cls, outliers,
