@@ -160,10 +160,13 @@ class ShapesSource:
         self.seed = seed
         self.device = device
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._cpu_params: dict[str, Tensor] = {}
+        self.class_names = list(SHAPE_NAMES[:num_classes])
         for split, size in (("train", train_size), ("val", val_size)):
             params, labels = draw_parameters(size, num_classes, derive_seed(seed, "shapes", split))
             # Labels stay on the CPU too, so that grouping a batch by shape kind needs no device sync.
             self._splits[split] = (params.to(device), labels.to(device), labels)
+            self._cpu_params[split] = params  # captions are read on the host, without a device sync
         self._order = EpochOrder(train_size, derive_seed(seed, "shapes", "order"))
         self._mean = torch.zeros(3, device=device)
         self._std = torch.ones(3, device=device)
@@ -225,7 +228,17 @@ class ShapesSource:
         images = torch.where(inside.unsqueeze(1), (rgb(FG) - mean) / std, background)
         images.clamp_((0.0 - mean) / std, (1.0 - mean) / std)
         masks = inside.long() * (labels + 1).view(-1, 1, 1)
-        return Batch(images, labels, masks)
+        return Batch(images, labels, masks, self._captions(split, rows, labels_cpu))
+
+    def _captions(self, split: str, rows: Tensor, labels_cpu: Tensor) -> list[str]:
+        from .captions import captions  # captions.py reads this module's constants
+
+        return captions(self._cpu_params[split][rows], labels_cpu)
+
+    def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
+        n = min(count, len(self._splits["train"][2]))
+        for start in range(0, n, batch_size):
+            yield self._render("train", torch.arange(start, min(start + batch_size, n)), size=self.img_size)
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
         for step in count(start_step):
