@@ -1,9 +1,10 @@
-"""The effect of the number of registers: per model size, each metric's mean and 95% t-interval
-over seeds against the register count, the best count per metric, and a recommendation.
+"""The effect of the number of registers: per objective and model size, each metric's mean and 95%
+t-interval over seeds against the register count, the best count per metric, and a recommendation.
 
 Recommendation rule (stated in the report): the smallest register count whose dense score is
 within the 95% interval of the best count's and whose output outlier fraction is at most the
-threshold; in every model size at once for the overall answer. The dense score is the mIoU, or
+threshold; in every model size (of every objective) at once for the overall answer, and in every
+size of one objective for that objective's answer. The dense score is the mIoU, or
 val top-1 when no trial logged an mIoU. Each size is judged at its longest training length.
 """
 
@@ -18,7 +19,8 @@ from scipy.special import stdtrit  # inverse Student t CDF; scipy.stats takes se
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.load import Sweep
 
-STATS_COLUMNS = ["model_size", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
+# group: the model size, or objective/size when the sweep crossed several objectives (figure rows, per_size keys).
+STATS_COLUMNS = ["objective", "model_size", "group", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
 
 
 def register_stats(sweep: Sweep) -> pd.DataFrame:
@@ -31,16 +33,24 @@ def register_stats(sweep: Sweep) -> pd.DataFrame:
     final = final[final["key"].isin(by_key)].dropna(subset=["value"])
     if final.empty:
         return pd.DataFrame(columns=STATS_COLUMNS)
-    merged = final.assign(metric=final["key"].map(by_key)).merge(sweep.trials_frame(), on="run_id")
+    trials = sweep.trials_frame()
+    several = trials["objective"].nunique() > 1
+    merged = final.assign(metric=final["key"].map(by_key)).merge(trials, on="run_id")
     rows = []
-    for (size, steps, metric, regs), group in merged.groupby(["model_size", "steps", "metric", "num_registers"]):
+    keys = ["objective", "model_size", "steps", "metric", "num_registers"]
+    for (objective, size, steps, metric, regs), group in merged.groupby(keys):
         values = group["value"].to_numpy(dtype=float)
         low, high = t_interval(values)
-        rows.append((size, int(steps), metric, int(regs), len(values), float(values.mean()), low, high))
+        label = cat.group_label(objective, size, several)
+        rows.append((objective, size, label, int(steps), metric, int(regs), len(values), float(values.mean()), low, high))
     frame = pd.DataFrame(rows, columns=STATS_COLUMNS)
     metric_order = {m.short: i for i, m in enumerate(cat.REGISTER_METRICS)}
-    order = {"_size": frame["model_size"].map(cat.size_sort_key), "_metric": frame["metric"].map(metric_order)}
-    ordered = frame.assign(**order).sort_values(["_size", "steps", "_metric", "num_registers"])
+    order = {
+        "_objective": frame["objective"].map(cat.objective_sort_key),
+        "_size": frame["model_size"].map(cat.size_sort_key),
+        "_metric": frame["metric"].map(metric_order),
+    }
+    ordered = frame.assign(**order).sort_values(["_objective", "_size", "steps", "_metric", "num_registers"])
     return ordered.drop(columns=list(order)).reset_index(drop=True)
 
 
@@ -56,7 +66,7 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class BestCount:
-    model_size: str
+    model_size: str  # the group label: the size, or objective/size when several objectives were swept
     steps: int
     metric: str  # short name
     best: int
@@ -64,12 +74,13 @@ class BestCount:
     clear: bool  # False with one seed or when another count's interval overlaps the best's
     tied_with: tuple[int, ...]  # counts whose interval overlaps the best's
     min_seeds: int
+    objective: str = cat.DEFAULT_OBJECTIVE
 
 
 def best_counts(stats: pd.DataFrame) -> list[BestCount]:
-    """The best register count per (size, length, metric), with whether the sweep can tell."""
+    """The best register count per (objective, size, length, metric), with whether the sweep can tell."""
     result = []
-    for (size, steps, metric), group in stats.groupby(["model_size", "steps", "metric"], sort=False):
+    for (objective, size, steps, metric), group in stats.groupby(["objective", "group", "steps", "metric"], sort=False):
         spec = cat.METRICS_BY_SHORT[metric]
         group = group.sort_values("num_registers")
         # Ties go to the smaller count: fewer registers cost less.
@@ -79,7 +90,10 @@ def best_counts(stats: pd.DataFrame) -> list[BestCount]:
         min_seeds = int(group["n"].min())
         clear = min_seeds >= 2 and not tied
         result.append(
-            BestCount(size, int(steps), metric, int(best_row["num_registers"]), float(best_row["mean"]), clear, tied, min_seeds)
+            BestCount(
+                size, int(steps), metric, int(best_row["num_registers"]), float(best_row["mean"]), clear, tied,
+                min_seeds, objective,
+            )
         )
     return result
 
@@ -96,8 +110,9 @@ class Recommendation:
     metric: str  # short name of the dense score used
     rule: str
     can_tell: bool
-    per_size: dict[str, int | None] = field(default_factory=dict)
-    steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per size
+    per_size: dict[str, int | None] = field(default_factory=dict)  # by group: size, or objective/size
+    steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per group
+    per_objective: dict[str, int | None] = field(default_factory=dict)  # the rule within each objective's sizes
     verdict: list[str] = field(default_factory=list)  # sentences for the report
 
 
@@ -118,13 +133,14 @@ def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "mio
     if sel.empty:
         verdict.append(f"No trial logged {spec.key} either: the sweep cannot recommend a register count.")
         return Recommendation(None, dense, rule, False, verdict=verdict)
-    longest = sel.groupby("model_size")["steps"].max().to_dict()
+    longest = sel.groupby("group")["steps"].max().to_dict()
+    objective_of = dict(zip(sel["group"], sel["objective"]))
     ok_by_size: dict[str, set[int]] = {}
     per_size: dict[str, int | None] = {}
     can_tell = True
-    for size in sorted(longest, key=cat.size_sort_key):
+    for size in sorted(longest, key=cat.group_sort_key):
         steps = longest[size]
-        group = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+        group = stats[(stats["group"] == size) & (stats["steps"] == steps)]
         ok, sentences, clear = _judge_size(group, spec, threshold)
         can_tell &= clear
         verdict.extend(f"{size} ({steps} steps): {s}" for s in sentences)
@@ -132,9 +148,17 @@ def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "mio
         per_size[size] = min(ok) if ok else None
     common = set.intersection(*ok_by_size.values()) if ok_by_size else set()
     choice = min(common) if common else None
+    per_objective: dict[str, int | None] = {}
+    for objective in sorted(set(objective_of.values()), key=cat.objective_sort_key):
+        mine = [ok for g, ok in ok_by_size.items() if objective_of[g] == objective]
+        shared = set.intersection(*mine)
+        per_objective[objective] = min(shared) if shared else None
     if choice is None:
         verdict.append("No register count meets the rule in every model size; see the per-size answers.")
-    return Recommendation(choice, dense, rule, can_tell, per_size, {k: int(v) for k, v in longest.items()}, verdict)
+    steps_used = {k: int(v) for k, v in longest.items()}
+    return Recommendation(
+        choice, dense, rule, can_tell, per_size=per_size, steps_used=steps_used, verdict=verdict, per_objective=per_objective
+    )
 
 
 def _judge_size(group: pd.DataFrame, spec: cat.MetricSpec, threshold: float) -> tuple[set[int], list[str], bool]:
@@ -181,9 +205,13 @@ def _join(counts) -> str:
     return ", ".join(str(c) for c in counts)
 
 
-def metric_table(stats: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
-    """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'."""
+def metric_table(stats: pd.DataFrame, size: str, steps: int, objective: str | None = None) -> pd.DataFrame:
+    """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'.
+    The first column names the objective."""
     sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+    if objective is not None:
+        sel = sel[sel["objective"] == objective]
+    objective = objective or (str(sel["objective"].iloc[0]) if not sel.empty else cat.DEFAULT_OBJECTIVE)
     table: dict[str, dict[int, str]] = {}
     for r in sel.itertuples():
         cell = f"{r.mean:.4g} (n=1)" if r.n < 2 else f"{r.mean:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}]"
@@ -191,4 +219,6 @@ def metric_table(stats: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
     columns = [m.short for m in cat.REGISTER_METRICS if m.short in table]
     frame = pd.DataFrame({c: table[c] for c in columns}).sort_index()
     frame.index.name = "registers"
-    return frame.fillna("missing").reset_index()
+    frame = frame.fillna("missing").reset_index()
+    frame.insert(0, "objective", objective)
+    return frame
