@@ -135,6 +135,9 @@ class DinoConfig(Strict):
     local_crop_size: int = Field(default=96, gt=0, description="pixels; a multiple of model.patch_size")
     global_crop_scale: tuple[float, float] = (0.32, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
+    colour_jitter: float = Field(
+        default=0.4, ge=0, description="contrast and per-channel shift, in units of the normalised pixel scale"
+    )
     centering: Literal["sinkhorn_knopp", "momentum"] = "sinkhorn_knopp"
     center_momentum: float = Field(default=0.9, ge=0, lt=1, description="momentum centring only")
     student_temp: float = Field(default=0.1, gt=0)

@@ -123,6 +123,7 @@ class DinoObjective(Objective):
             batch.images, seed=cfg.seed, step=step, local_crops=d.local_crops, local_size=d.local_crop_size,
             global_scale=d.global_crop_scale, local_scale=d.local_crop_scale, patch_size=cfg.model.patch_size,
             mask_ratio=d.ibot_mask_ratio, mask_probability=d.ibot_mask_probability, with_masks=with_ibot,
+            jitter=d.colour_jitter,
         )
         prefix = self.model.num_prefix_tokens
         s_ibot_head = self.student["ibot_head"] if d.ibot_separate_head else self.student["dino_head"]

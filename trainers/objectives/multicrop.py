@@ -60,12 +60,12 @@ def resized_crops(
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def colour_jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random contrast and per-channel shift (p = 0.8), then grayscale (p = 0.2), per image."""
+def colour_jitter(images: torch.Tensor, gen: torch.Generator, strength: float = JITTER) -> torch.Tensor:
+    """Random contrast and per-channel shift of up to `strength` (p = 0.8), then grayscale (p = 0.2)."""
     n, device = images.shape[0], images.device
     jitter = (torch.rand(n, generator=gen, device=device) < JITTER_PROBABILITY).float().view(n, 1, 1, 1)
-    contrast = 1 + jitter * JITTER * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=device) - 1)
-    shift = jitter * JITTER * (2 * torch.rand(n, 3, 1, 1, generator=gen, device=device) - 1)
+    contrast = 1 + jitter * min(strength, 0.9) * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=device) - 1)
+    shift = jitter * strength * (2 * torch.rand(n, 3, 1, 1, generator=gen, device=device) - 1)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     out = (images - mean) * contrast + mean + shift
     gray = torch.rand(n, generator=gen, device=device) < GRAYSCALE_PROBABILITY
@@ -96,14 +96,14 @@ def ibot_masks(
 def make_views(
     images: torch.Tensor, *, seed: int, step: int, local_crops: int, local_size: int,
     global_scale: tuple[float, float], local_scale: tuple[float, float], patch_size: int,
-    mask_ratio: tuple[float, float], mask_probability: float, with_masks: bool,
+    mask_ratio: tuple[float, float], mask_probability: float, with_masks: bool, jitter: float = JITTER,
 ) -> Views:
     gen = step_generator(seed, step, images.device)
     size = images.shape[-1]
-    global_crops = colour_jitter(resized_crops(images, 2, size, global_scale, gen), gen)
+    global_crops = colour_jitter(resized_crops(images, 2, size, global_scale, gen), gen, jitter)
     local = None
     if local_crops:
-        local = colour_jitter(resized_crops(images, local_crops, local_size, local_scale, gen), gen)
+        local = colour_jitter(resized_crops(images, local_crops, local_size, local_scale, gen), gen, jitter)
     masks = None
     if with_masks:
         grid = (size // patch_size, size // patch_size)
