@@ -77,8 +77,18 @@ class BestCount:
     objective: str = cat.DEFAULT_OBJECTIVE
 
 
+def with_groups(stats: pd.DataFrame) -> pd.DataFrame:
+    """Stats frames written without the objective columns (one objective) get them: supervised, group = size."""
+    if "objective" not in stats:
+        stats = stats.assign(objective=cat.DEFAULT_OBJECTIVE)
+    if "group" not in stats:
+        stats = stats.assign(group=stats["model_size"])
+    return stats
+
+
 def best_counts(stats: pd.DataFrame) -> list[BestCount]:
     """The best register count per (objective, size, length, metric), with whether the sweep can tell."""
+    stats = with_groups(stats)
     result = []
     for (objective, size, steps, metric), group in stats.groupby(["objective", "group", "steps", "metric"], sort=False):
         spec = cat.METRICS_BY_SHORT[metric]
@@ -117,6 +127,7 @@ class Recommendation:
 
 
 def recommend(stats: pd.DataFrame, threshold: float, metric_for_best: str = "miou") -> Recommendation:
+    stats = with_groups(stats)
     dense = cat.metric_spec(metric_for_best).short
     verdict: list[str] = []
     if dense not in set(stats["metric"]):
@@ -208,6 +219,7 @@ def _join(counts) -> str:
 def metric_table(stats: pd.DataFrame, size: str, steps: int, objective: str | None = None) -> pd.DataFrame:
     """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'.
     The first column names the objective."""
+    stats = with_groups(stats)
     sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
     if objective is not None:
         sel = sel[sel["objective"] == objective]
