@@ -8,12 +8,16 @@ The planted pattern:
   (or, with learned=False, stays at chance: 1/6 with 6 classes);
 - norms.npz and attention.npz for the seed-0 trials of a few settings;
 - one RUNNING and one FAILED trial, which the analysis must skip and list.
+
+With several `objectives`, every setting is planted once per objective (tag axis.objective) and
+`artifacts` says which sizes grow artifacts under which objective.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,15 +50,19 @@ class PlantedSweep:
     failed_run_id: str = ""
 
 
-def _outlier_frac(size: str, regs: int, location_block: int | None, fraction: float, rng: np.random.Generator) -> float:
+def _outlier_frac(
+    size: str, regs: int, location_block: int | None, fraction: float, rng: np.random.Generator,
+    artifact_sizes: Sequence[str] = (ARTIFACT_SIZE,),
+) -> float:
     deep = location_block is None or location_block >= EMERGE_BLOCK  # None = output
-    if size == ARTIFACT_SIZE and regs == 0 and deep and fraction >= EMERGE_FRACTION - 1e-9:
+    if size in artifact_sizes and regs == 0 and deep and fraction >= EMERGE_FRACTION - 1e-9:
         return float(0.03 + rng.normal(0, 0.002))
     return float(abs(rng.normal(0, 0.0008)))
 
 
 def _trial_metrics(
-    size: str, regs: int, steps: int, rng: np.random.Generator, with_probes: bool = True, learned: bool = True
+    size: str, regs: int, steps: int, rng: np.random.Generator, with_probes: bool = True,
+    artifact_sizes: Sequence[str] = (ARTIFACT_SIZE,), learned: bool = True,
 ) -> list[Metric]:
     depth = MODEL_SIZES[size][1]
     metrics: list[Metric] = []
@@ -72,8 +80,8 @@ def _trial_metrics(
         if not with_probes:
             continue
         for b in range(depth):
-            put(names.outlier_frac(names.block(b)), _outlier_frac(size, regs, b, fraction, rng))
-        put(names.outlier_frac(names.OUTPUT), _outlier_frac(size, regs, None, fraction, rng))
+            put(names.outlier_frac(names.block(b)), _outlier_frac(size, regs, b, fraction, rng, artifact_sizes))
+        put(names.outlier_frac(names.OUTPUT), _outlier_frac(size, regs, None, fraction, rng, artifact_sizes))
         put(names.outlier_frac(names.OUTPUT, "abs"), 0.0)  # the other detector: must not be read as robust
         put(names.SEG_MIOU, MIOU[regs] * (0.5 + 0.5 * fraction) + rng.normal(0, 0.003))
         put(names.CORLOC, 0.4 + 0.02 * min(regs, 4) + rng.normal(0, 0.003))
@@ -137,12 +145,15 @@ def _planted_checkpoint(folder: Path, size: str, steps: int, seed: int) -> Path:
     return planted_trial_checkpoint(folder, cfg, seed=seed).parent
 
 
-def _trial_tags(parent: str, sweep: str, size: str, regs: int, steps: int, seed: int) -> dict[str, str]:
+def _trial_tags(
+    parent: str, sweep: str, size: str, regs: int, steps: int, seed: int, objective: str = "supervised"
+) -> dict[str, str]:
     return {
         "mlflow.parentRunId": parent,
         "sweep.role": "trial",
         "sweep.name": sweep,
-        "trial_id": f"{size}_r{regs}_s{steps}_seed{seed}",
+        "trial_id": f"{objective}_{size}_r{regs}_s{steps}_seed{seed}",
+        "axis.objective": objective,
         "git_commit": "0" * 40,
         "axis.model_size": size,
         "axis.num_registers": str(regs),
@@ -165,6 +176,8 @@ def plant_sweep(
     unfinished: bool = True,
     learned: bool = True,
     checkpoints: Path | None = None,
+    objectives: Sequence[str] = ("supervised",),
+    artifacts: Mapping[str, Sequence[str]] | None = None,
 ) -> PlantedSweep:
     """Write the planted sweep into `tracking_uri` and return the run ids.
 
@@ -178,26 +191,25 @@ def plant_sweep(
     parent = client.create_run(experiment_id, tags={"sweep.role": "parent", "sweep.name": experiment}, run_name="launch")
     planted = PlantedSweep(experiment, experiment_id, parent.info.run_id)
     rng = np.random.default_rng(1234)
-    for size in sizes:
-        for regs in registers:
-            for steps in lengths:
-                for seed in seeds:
-                    run = client.create_run(experiment_id, tags=_trial_tags(planted.parent_run_id, experiment, size, regs, steps, seed))
-                    run_id = run.info.run_id
-                    params = {"model.size": size, "model.num_registers": str(regs), "steps": str(steps), "seed": str(seed), "optim.lr": "0.001"}
-                    client.log_batch(
-                        run_id,
-                        metrics=_trial_metrics(size, regs, steps, rng, probe_metrics, learned),
-                        params=[Param(k, v) for k, v in params.items()],
-                        tags=[RunTag("mlflow.runName", f"{size}-r{regs}-s{steps}-seed{seed}")],
-                    )
-                    if checkpoints is not None and regs == 0:
-                        folder = _planted_checkpoint(checkpoints / run_id, size, steps, seed)
-                        client.set_tag(run_id, "checkpoint_uri", str(folder))
-                    if probe_files and seed == seeds[0] and steps == max(lengths) and regs in ARTIFACT_REGISTERS:
-                        _log_probe_files(client, run_id, size, regs, steps, rng)
-                    client.set_terminated(run_id, "FINISHED")
-                    planted.trial_run_ids.append(run_id)
+    for objective, size, regs, steps, seed in itertools.product(objectives, sizes, registers, lengths, seeds):
+        artifact_sizes = (artifacts or {}).get(objective, (ARTIFACT_SIZE,))
+        tags = _trial_tags(planted.parent_run_id, experiment, size, regs, steps, seed, objective)
+        run = client.create_run(experiment_id, tags=tags)
+        run_id = run.info.run_id
+        params = {"model.size": size, "model.num_registers": str(regs), "steps": str(steps), "seed": str(seed), "optim.lr": "0.001"}
+        client.log_batch(
+            run_id,
+            metrics=_trial_metrics(size, regs, steps, rng, probe_metrics, artifact_sizes, learned),
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag("mlflow.runName", f"{size}-r{regs}-s{steps}-seed{seed}")],
+        )
+        if checkpoints is not None and regs == 0:
+            folder = _planted_checkpoint(checkpoints / run_id, size, steps, seed)
+            client.set_tag(run_id, "checkpoint_uri", str(folder))
+        if probe_files and seed == seeds[0] and steps == max(lengths) and regs in ARTIFACT_REGISTERS:
+            _log_probe_files(client, run_id, size, regs, steps, rng)
+        client.set_terminated(run_id, "FINISHED")
+        planted.trial_run_ids.append(run_id)
     if unfinished:
         size = sizes[-1]
         running = client.create_run(experiment_id, tags=_trial_tags(planted.parent_run_id, experiment, size, 4, max(lengths), 99))

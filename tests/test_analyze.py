@@ -45,9 +45,9 @@ def test_artifacts_only_in_the_larger_size_from_40_percent_and_block_3(planted):
 def test_report_states_the_emergence_in_its_table_and_sentences(planted):
     _, _, result = planted
     report = result.report_path.read_text()
-    assert "| mini | 100 | 3 | yes | 40 | 0.4 | 3 |" in report
-    assert "| mini | 200 | 3 | yes | 80 | 0.4 | 3 |" in report
-    assert "| micro | 100 | 3 | no | none | none | none |" in report
+    assert "| supervised | mini | 100 | 3 | yes | 40 | 0.4 | 3 |" in report
+    assert "| supervised | mini | 200 | 3 | yes | 80 | 0.4 | 3 |" in report
+    assert "| supervised | micro | 100 | 3 | no | none | none | none |" in report
     assert "appeared in: mini. No artifacts in: micro." in report
 
 

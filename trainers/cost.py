@@ -6,7 +6,7 @@ that would add seconds to every launch, so the formulas live here, apart from th
 
 from __future__ import annotations
 
-from trainers.config import ModelConfig
+from trainers.config import ClipConfig, DinoConfig, ModelConfig, TrainConfig
 
 
 def forward_macs_per_image(cfg: ModelConfig, num_classes: int) -> int:
@@ -27,3 +27,42 @@ def forward_macs_per_image(cfg: ModelConfig, num_classes: int) -> int:
 def train_flops_per_image(cfg: ModelConfig, num_classes: int) -> int:
     """Training FLOPs per image: forward 2 FLOPs per MAC, backward twice the forward."""
     return 6 * forward_macs_per_image(cfg, num_classes)
+
+
+def dino_head_macs(in_dim: int, d: DinoConfig) -> int:
+    """One token through the DINO head: 3-layer MLP to the bottleneck, then the prototypes."""
+    hidden = d.head_hidden_dim
+    return in_dim * hidden + hidden * hidden + hidden * d.head_bottleneck_dim + d.head_bottleneck_dim * d.head_prototypes
+
+
+def text_forward_macs(c: ClipConfig) -> int:
+    """One caption through open_clip's text transformer (MLP ratio 4) and its projection."""
+    length, width = c.context_length, c.text_width
+    per_block = (4 + 2 * 4) * length * width * width + 2 * length * length * width
+    return c.text_layers * per_block + width * c.embed_dim
+
+
+def objective_train_flops_per_image(cfg: TrainConfig, num_classes: int) -> int:
+    """Training FLOPs per image of the batch, with every extra pass the objective makes.
+
+    supervised: one forward and backward. dino: the student's forward and backward on 2
+    global crops and N local crops (at their own token count) with the DINO head on each
+    [CLS] and on the expected number of iBOT-masked patches, plus the teacher's forward
+    (2 FLOPs per MAC, no backward) on the 2 global crops. clip: forward and backward of the
+    image tower and its projection and of the text tower, once per image-caption pair.
+    """
+    model = cfg.model
+    if cfg.objective == "supervised":
+        return train_flops_per_image(model, num_classes)
+    dim = model.dims[0]
+    backbone = forward_macs_per_image(model, 0)
+    if cfg.objective == "clip":
+        return 6 * (backbone + dim * cfg.clip.embed_dim + text_forward_macs(cfg.clip))
+    d = cfg.dino
+    head = dino_head_macs(dim, d)
+    masked = d.ibot_mask_probability * sum(d.ibot_mask_ratio) / 2 * model.num_patches if d.ibot_weight > 0 else 0.0
+    global_crop = backbone + head * (1 + masked)
+    local = model.model_copy(update={"img_size": d.local_crop_size})
+    student = 2 * global_crop + d.local_crops * (forward_macs_per_image(local, 0) + head)
+    teacher = 2 * global_crop
+    return int(6 * student + 2 * teacher)

@@ -1,6 +1,8 @@
-"""Supervised training of a register ViT: the whole loop reads top to bottom in `fit`.
+"""Training of a register ViT: the whole loop reads top to bottom in `fit`.
 
-The loop is deterministic for a seed and resumes exactly: the batch for step s is a
+What the ViT learns from (labels, self-distillation, captions) is the objective's business
+(trainers/objectives/): it builds the networks, computes the loss of a batch and names the
+evaluation; this loop is the same for every objective. The loop is deterministic for a seed and resumes exactly: the batch for step s is a
 pure function of (seed, s) (see trainers/data/base.py) and a checkpoint holds the
 model, optimizer, schedule, every RNG state and the step.
 """
@@ -17,13 +19,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
 from trainers.config import TrainConfig
 from trainers.data import build_data
 from trainers.data.base import Batch
-from trainers.model import build_model
+from trainers.objectives import build_objective
 from trainers.probes import names
 from trainers.schedule import warmup_cosine
 from trainers.tracking import NullTracker, Tracker
@@ -51,8 +52,11 @@ class Trainer:
         self.cfg = cfg
         self.device = device or default_device()
         seed_everything(cfg.seed)
-        self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device)
-        self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
+        # DINO makes its own crops on the device: real images come without the random crop then.
+        augment = cfg.objective != "dino"
+        self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
+        self.objective = build_objective(cfg, self.data, self.device)
+        self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -68,19 +72,12 @@ class Trainer:
             # fp32 matmuls (fp32 runs, and what autocast leaves in fp32) on tensor cores as TF32.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        # Compilation pays off only for long trials; the spec turns it on explicitly.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        # No weight decay on norms, biases, position embedding, [CLS] and registers (1-d or token params).
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            skip = param.ndim <= 1 or name in {"pos_embed", "cls_token", "reg_token"}
-            (no_decay if skip else decay).append(param)
+        # No weight decay on norms, biases, position embeddings, [CLS] and registers (objectives/base.py).
         o = self.cfg.optim
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
+        return torch.optim.AdamW(self.objective.param_groups(), lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -91,16 +88,17 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step. Returns the loss as a device tensor (no host sync)."""
-        self.model.train()
+        self.objective.train()
         with self._autocast():
-            logits = self.forward(batch.images)
-            loss = F.cross_entropy(logits.float(), batch.labels)
+            loss = self.objective.loss(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.objective.before_optimizer_step(self.step, self.optimizer)
         if self.cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(list(self.objective.parameters()), self.cfg.optim.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
+        self.objective.after_optimizer_step(self.step)
         return loss.detach()
 
     def fit(self, tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None) -> dict[str, float]:
@@ -133,7 +131,11 @@ class Trainer:
                 if int(first_bad_step) >= 0:
                     raise NonFiniteLossError(f"loss became non-finite at step {int(first_bad_step) + 1}")
                 tracker.log_metrics(
-                    {names.TRAIN_LOSS: float(loss_sum) / losses_in_window, names.TRAIN_LR: self.scheduler.get_last_lr()[0]},
+                    {
+                        names.TRAIN_LOSS: float(loss_sum) / losses_in_window,
+                        names.TRAIN_LR: self.scheduler.get_last_lr()[0],
+                        **self.objective.log_values(),  # loss terms and schedules of the last step
+                    },
                     self.step,
                 )
                 loss_sum.zero_()
@@ -155,18 +157,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        count = 0
-        for batch in self.data.val_batches(self.cfg.optim.batch_size):
-            with self._autocast():
-                logits = self.forward(batch.images).float()
-            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
-            correct += (logits.argmax(-1) == batch.labels).sum()
-            count += len(batch)
-        self.model.train()
-        return {names.VAL_LOSS: float(loss_sum) / count, names.VAL_TOP1: float(correct) / count}
+        """The objective's evaluation: val loss and top-1, k-NN top-1 (dino), zero-shot top-1 (clip)."""
+        with self._autocast():
+            return self.objective.evaluate(self.cfg.optim.batch_size)
 
     def probe(self, tracker: Tracker, final: bool = False) -> float:
         """Run the artifact probes on the fixed probe batch; returns their wall time in seconds."""
@@ -175,7 +168,8 @@ class Trainer:
         # Figures cost more than the measurements: by default only the final probe draws them.
         figures = self.cfg.probe.figures == "every" or (self.cfg.probe.figures == "end" and final)
         batch = self.data.probe_batch(self.cfg.probe.batch_size)
-        report = run_probes(self.model, batch, self.cfg.probe, figures=figures)
+        # DINO's probes read the teacher (the network DINOv2 releases), the others the trained ViT.
+        report = run_probes(self.objective.probe_model, batch, self.cfg.probe, figures=figures)
         tracker.log_metrics(report.scalars, self.step)  # includes probe/seconds
         if report.files:
             tracker.log_files(report.files, names.artifact_dir(self.step))
@@ -189,6 +183,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            # Teacher, heads, centres, text tower, temperature: tensors and numbers only.
+            "objective": self.objective.state_dict(),
             "rng": rng_state(),  # tensors and plain values: the file loads with weights_only=True
             "config": self.cfg.model_dump(),
         }
@@ -197,6 +193,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state.get("objective", {}))
         self.step = int(state["step"])
         restore_rng_state(state["rng"])
 

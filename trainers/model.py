@@ -14,7 +14,11 @@ from timm.models.vision_transformer import VisionTransformer
 from trainers.config import ModelConfig
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
+def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = False) -> VisionTransformer:
+    """num_classes=0 gives a backbone whose forward returns the normed [CLS] feature.
+
+    dynamic_img_size: accept other input sizes, with the patch position embeddings
+    interpolated to the input's grid (DINO's local crops)."""
     dim, depth, heads = cfg.dims
     return VisionTransformer(
         img_size=cfg.img_size,
@@ -29,6 +33,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
         no_embed_class=True,  # position embeddings for patches only, never for [CLS] or registers
         global_pool="token",  # classify from [CLS]; registers are dropped at the output
         drop_path_rate=cfg.drop_path_rate,
+        dynamic_img_size=dynamic_img_size,
     )
 
 

@@ -17,21 +17,26 @@ SWEEP_NAME_TAG = "sweep.name"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "trial_id"
 SPEC_FILE_TAG = "sweep.spec_file"  # on the parent run: the spec file the launch was started from
-AXIS_SIZE, AXIS_REGISTERS, AXIS_STEPS, AXIS_SEED = (
+AXIS_SIZE, AXIS_REGISTERS, AXIS_STEPS, AXIS_SEED, AXIS_OBJECTIVE = (
     "axis.model_size",
     "axis.num_registers",
     "axis.steps",
     "axis.seed",
+    "axis.objective",
 )
 # The class count of the data a trial trained on (chance = 1 / classes), tagged by the trainable.
 NUM_CLASSES_TAG = "data.num_classes"
 KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
+# Runs from before the objective axis trained supervised classifiers.
+DEFAULT_OBJECTIVE = "supervised"
+OBJECTIVE_ORDER = ("supervised", "dino", "clip")
 # Params that carry the same values, used when a trial lacks an axis tag (e.g. an axis that was not swept).
 AXIS_PARAM_FALLBACK = {
     AXIS_SIZE: "model.size",
     AXIS_REGISTERS: "model.num_registers",
     AXIS_STEPS: "steps",
     AXIS_SEED: "seed",
+    AXIS_OBJECTIVE: "objective",
 }
 
 OUTLIER_PREFIX = names.outlier_frac("")  # 'probe/outlier_frac/' (the scale-free detector)
@@ -86,3 +91,19 @@ def size_sort_key(size: str) -> tuple[int, str]:
     """Order sizes as trainers.config.MODEL_SIZES does (micro < ... < giant); unknown labels last."""
     order = list(MODEL_SIZES)
     return (order.index(size), "") if size in order else (len(order), size)
+
+
+def objective_sort_key(objective: str) -> tuple[int, str]:
+    """supervised, dino, clip, then any other name."""
+    order = list(OBJECTIVE_ORDER)
+    return (order.index(objective), "") if objective in order else (len(order), objective)
+
+
+def group_label(objective: str, size: str, several_objectives: bool) -> str:
+    """Row label of a (objective, size) group in figures: the size alone when one objective was swept."""
+    return f"{objective}/{size}" if several_objectives else size
+
+
+def group_sort_key(label: str) -> tuple[tuple[int, str], tuple[int, str]]:
+    objective, _, size = label.rpartition("/")
+    return (objective_sort_key(objective or DEFAULT_OBJECTIVE), size_sort_key(size))

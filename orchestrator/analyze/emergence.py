@@ -1,4 +1,4 @@
-"""When and where artifact tokens emerge, from trials without registers.
+"""When and where artifact tokens emerge, from trials without registers, per objective and size.
 
 The signal is the fraction of patch tokens the scale-free detector flags as high-norm outliers
 (probe/outlier_frac/<location>), averaged over seeds. An emergence point is where that fraction
@@ -30,26 +30,31 @@ class EmergencePoint:
     fraction: float | None  # step / training length
     block: int | None  # first block from which (to the output) it stays above, at the last probe step
     final_output_frac: float | None  # at the last probe step
+    objective: str = cat.DEFAULT_OBJECTIVE
 
 
 def outlier_points(sweep: Sweep) -> pd.DataFrame:
     """Outlier fractions of no-register trials, averaged over seeds.
 
-    Columns: model_size, steps, location, block (NaN for output), step, fraction (of training), value, n_seeds.
+    Columns: objective, model_size, group (figure row: the size, or objective/size when several
+    objectives were swept), steps, location, block (NaN for output), step, fraction (of training),
+    value, n_seeds.
     """
     trials = sweep.trials_frame()
+    several = trials["objective"].nunique() > 1 if not trials.empty else False
     trials = trials[trials["num_registers"] == 0]
     history = sweep.history.assign(location=sweep.history["key"].map(cat.outlier_location))
     history = history.dropna(subset=["location", "value"])
-    columns = ["model_size", "steps", "location", "block", "step", "fraction", "value", "n_seeds"]
+    columns = ["objective", "model_size", "group", "steps", "location", "block", "step", "fraction", "value", "n_seeds"]
     if trials.empty or history.empty:
         return pd.DataFrame(columns=columns)
-    merged = history.merge(trials[["run_id", "model_size", "steps"]], on="run_id")
-    grouped = merged.groupby(["model_size", "steps", "location", "step"], as_index=False).agg(
+    merged = history.merge(trials[["run_id", "objective", "model_size", "steps"]], on="run_id")
+    grouped = merged.groupby(["objective", "model_size", "steps", "location", "step"], as_index=False).agg(
         value=("value", "mean"), n_seeds=("run_id", "nunique")
     )
     grouped["block"] = grouped["location"].map(cat.block_index).astype(float)
     grouped["fraction"] = grouped["step"] / grouped["steps"]
+    grouped["group"] = [cat.group_label(o, m, several) for o, m in zip(grouped["objective"], grouped["model_size"])]
     return grouped[columns]
 
 
@@ -65,22 +70,26 @@ def first_sustained_crossing(values: Sequence[float], threshold: float) -> int |
 
 
 def emergence_points(sweep: Sweep, threshold: float) -> list[EmergencePoint]:
-    """One point per (model size, training length) with no-register trials, sizes in table order."""
+    """One point per (objective, model size, training length) with no-register trials, in table order."""
     points = outlier_points(sweep)
     trials = sweep.trials_frame()
     trials = trials[trials["num_registers"] == 0]
     result: list[EmergencePoint] = []
-    groups = sorted({(r.model_size, r.steps) for r in trials.itertuples()}, key=lambda g: (cat.size_sort_key(g[0]), g[1]))
-    for size, steps in groups:
-        n_seeds = int(trials[(trials["model_size"] == size) & (trials["steps"] == steps)]["seed"].nunique())
-        group = points[(points["model_size"] == size) & (points["steps"] == steps)]
-        result.append(_point(size, steps, n_seeds, group, threshold))
+    groups = sorted(
+        {(r.objective, r.model_size, r.steps) for r in trials.itertuples()},
+        key=lambda g: (cat.objective_sort_key(g[0]), cat.size_sort_key(g[1]), g[2]),
+    )
+    for objective, size, steps in groups:
+        mine = (trials["objective"] == objective) & (trials["model_size"] == size) & (trials["steps"] == steps)
+        n_seeds = int(trials[mine]["seed"].nunique())
+        sel = (points["objective"] == objective) & (points["model_size"] == size) & (points["steps"] == steps)
+        result.append(_point(objective, size, steps, n_seeds, points[sel], threshold))
     return result
 
 
-def _point(size: str, steps: int, n_seeds: int, group: pd.DataFrame, threshold: float) -> EmergencePoint:
+def _point(objective: str, size: str, steps: int, n_seeds: int, group: pd.DataFrame, threshold: float) -> EmergencePoint:
     if group.empty:
-        return EmergencePoint(size, steps, n_seeds, "missing", None, None, None, None)
+        return EmergencePoint(size, steps, n_seeds, "missing", None, None, None, None, objective)
     # When: the output's fraction over probe steps (the deepest block when no output is logged).
     over_time = group[group["location"] == OUTPUT]
     if over_time.empty:
@@ -104,24 +113,27 @@ def _point(size: str, steps: int, n_seeds: int, group: pd.DataFrame, threshold: 
         fraction=round(step / steps, 4) if step is not None else None,
         block=block,
         final_output_frac=float(over_time["value"].iloc[-1]),
+        objective=objective,
     )
 
 
 def progress_grid(points: pd.DataFrame, steps: int) -> pd.DataFrame:
-    """Output outlier fraction: rows = model sizes (table order), columns = fraction of training."""
+    """Output outlier fraction: rows = groups (model sizes, per objective when several; table order),
+    columns = fraction of training."""
     sel = points[(points["steps"] == steps) & (points["location"] == OUTPUT)]
-    if sel.empty:  # no output key logged: use each size's deepest block
+    if sel.empty:  # no output key logged: use each group's deepest block
         sel = points[points["steps"] == steps]
-        sel = sel[sel["block"] == sel.groupby("model_size")["block"].transform("max")]
+        sel = sel[sel["block"] == sel.groupby("group")["block"].transform("max")]
     grid = sel.assign(fraction=sel["fraction"].round(3)).pivot_table(
-        index="model_size", columns="fraction", values="value", aggfunc="mean"
+        index="group", columns="fraction", values="value", aggfunc="mean"
     )
-    return grid.reindex(sorted(grid.index, key=cat.size_sort_key))
+    return grid.reindex(sorted(grid.index, key=cat.group_sort_key))
 
 
-def depth_grid(points: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
-    """Outlier fraction: rows = blocks (shallow first, output last), columns = probe steps."""
-    sel = points[(points["model_size"] == size) & (points["steps"] == steps)]
+def depth_grid(points: pd.DataFrame, group: str, steps: int) -> pd.DataFrame:
+    """Outlier fraction of one group (a size, or objective/size): rows = blocks (shallow first,
+    output last), columns = probe steps."""
+    sel = points[(points["group"] == group) & (points["steps"] == steps)]
     grid = sel.pivot_table(index="location", columns="step", values="value", aggfunc="mean")
     order = sorted(grid.index, key=lambda loc: (cat.block_index(loc) is None, cat.block_index(loc) or 0))
     return grid.reindex(order)
@@ -134,6 +146,7 @@ def emergence_table(points: list[EmergencePoint]) -> pd.DataFrame:
         absent = "n/a" if p.status == "missing" else "none"
         rows.append(
             {
+                "objective": p.objective,
                 "model_size": p.model_size,
                 "steps": p.steps,
                 "seeds": p.n_seeds,

@@ -38,12 +38,12 @@ def _heatmap(ax: plt.Axes, grid: pd.DataFrame, threshold: float, vmax: float, xf
 
 
 def emergence_progress_figure(points: pd.DataFrame, threshold: float, out: Path) -> Path | None:
-    """Outlier fraction at the output: model size x training progress, one panel per training length."""
+    """Outlier fraction at the output: model size (per objective) x training progress, one panel per length."""
     lengths = sorted(points["steps"].unique())
     if not lengths:
         return None
     vmax = max(float(points["value"].max()), threshold * 2)
-    height = 0.6 * points["model_size"].nunique() + 2.2
+    height = 0.6 * points["group"].nunique() + 2.2
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), height), squeeze=False, layout="constrained")
     for ax, steps in zip(axes[0], lengths):
         _heatmap(ax, progress_grid(points, steps), threshold, vmax, "{:.2f}")
@@ -55,8 +55,9 @@ def emergence_progress_figure(points: pd.DataFrame, threshold: float, out: Path)
 
 
 def emergence_depth_figure(points: pd.DataFrame, size: str, threshold: float, out: Path) -> Path | None:
-    """Outlier fraction of one size: block depth x training step, one panel per training length."""
-    sel = points[points["model_size"] == size]
+    """Outlier fraction of one group (a size, or objective/size): block depth x training step, one
+    panel per training length."""
+    sel = points[points["group"] == size]
     lengths = sorted(sel["steps"].unique())
     if not lengths:
         return None
@@ -73,7 +74,8 @@ def emergence_depth_figure(points: pd.DataFrame, size: str, threshold: float, ou
 
 
 def register_effect_figure(stats: pd.DataFrame, steps_used: dict[str, int], out: Path) -> Path | None:
-    """Paper Fig. 8: each metric against the register count, one line per model size, 95% intervals."""
+    """Paper Fig. 8: each metric against the register count, one line per model size (per objective
+    when several were swept), 95% intervals."""
     metrics = [m for m in cat.REGISTER_METRICS if m.short in set(stats["metric"])]
     if not metrics:
         return None
@@ -82,11 +84,11 @@ def register_effect_figure(stats: pd.DataFrame, steps_used: dict[str, int], out:
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    sizes = sorted(stats["model_size"].unique(), key=cat.size_sort_key)
+    sizes = sorted(stats["group"].unique(), key=cat.group_sort_key)
     for ax, spec in zip(axes.flat, metrics):
         for size in sizes:
-            steps = steps_used.get(size, stats[stats["model_size"] == size]["steps"].max())
-            sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps) & (stats["metric"] == spec.short)]
+            steps = steps_used.get(size, stats[stats["group"] == size]["steps"].max())
+            sel = stats[(stats["group"] == size) & (stats["steps"] == steps) & (stats["metric"] == spec.short)]
             sel = sel.sort_values("num_registers")
             if sel.empty:
                 continue

@@ -23,13 +23,15 @@ RULE = (
     "a setting learned when its worst trial's val top-1 is above chance (1 / classes) by at least "
     f"max({LEARNED_MARGIN_FLOOR:g}, chance)"
 )
-COLUMNS = ["model_size", "steps", "trials", "classes", "chance", "top1_mean", "top1_min", "margin", "learned"]
+COLUMNS = ["objective", "model_size", "steps", "trials", "classes", "chance", "top1_mean", "top1_min", "margin", "learned"]
 
 
 @dataclass(frozen=True)
 class LearningCheck:
     model_size: str
     steps: int
+    objective: str
+    group: str  # the size, or objective/size when several objectives were swept (as the register stats)
     trials: int  # trials with a final val top-1
     num_classes: int | None
     top1_mean: float | None
@@ -58,7 +60,7 @@ class LearningCheck:
         return self.margin >= self.required_margin
 
     def sentence(self) -> str:
-        where = f"{self.model_size}, {self.steps} steps"
+        where = f"{self.group}, {self.steps} steps"
         if self.top1_mean is None:
             return f"{where}: no val top-1 logged, so whether the models learned is unknown."
         if self.chance is None:
@@ -76,20 +78,23 @@ def learning_checks(sweep: Sweep) -> list[LearningCheck]:
     final = sweep.final_values()
     top1 = final[final["key"] == cat.METRICS_BY_SHORT["top1"].key].set_index("run_id")["value"] if not final.empty else pd.Series(dtype=float)
     checks = []
-    for (size, steps), group in trials.groupby(["model_size", "steps"]):
+    several = trials["objective"].nunique() > 1
+    for (objective, size, steps), group in trials.groupby(["objective", "model_size", "steps"]):
         values = top1.reindex(group["run_id"]).dropna()
         classes = {int(c) for c in group["num_classes"].dropna()}
         checks.append(
             LearningCheck(
                 model_size=str(size),
                 steps=int(steps),
+                objective=str(objective),
+                group=cat.group_label(str(objective), str(size), several),
                 trials=len(values),
                 num_classes=classes.pop() if len(classes) == 1 else None,
                 top1_mean=float(values.mean()) if len(values) else None,
                 top1_min=float(values.min()) if len(values) else None,
             )
         )
-    return sorted(checks, key=lambda c: (cat.size_sort_key(c.model_size), c.steps))
+    return sorted(checks, key=lambda c: (cat.group_sort_key(c.group), c.steps))
 
 
 def learning_table(checks: list[LearningCheck]) -> pd.DataFrame:
@@ -97,7 +102,7 @@ def learning_table(checks: list[LearningCheck]) -> pd.DataFrame:
         return "-" if value is None else format(value, spec)
 
     rows = [
-        [c.model_size, c.steps, c.trials, c.num_classes or "?", fmt(c.chance, ".3f"), fmt(c.top1_mean, ".3f"),
+        [c.objective, c.model_size, c.steps, c.trials, c.num_classes or "?", fmt(c.chance, ".3f"), fmt(c.top1_mean, ".3f"),
          fmt(c.top1_min, ".3f"), fmt(c.margin, "+.3f"), {True: "yes", False: "NO", None: "unknown"}[c.learned]]
         for c in checks
     ]

@@ -40,6 +40,7 @@ class Trial:
     seed: str
     artifact_uri: str | None
     other_axes: tuple[tuple[str, str], ...] = ()  # further swept keys (e.g. axis.optim.lr), pooled by the analysis
+    objective: str = cat.DEFAULT_OBJECTIVE  # supervised | dino | clip: the analysis groups by it
     num_classes: int | None = None  # of the data it trained on; None when unknown
     parent_run_id: str = ""  # the launch it belongs to
 
@@ -51,6 +52,7 @@ class SkippedRun:
     status: str
     reason: str
     axes: str  # 'size=mini registers=4 steps=100 seed=1', as far as known
+    objective: str = cat.DEFAULT_OBJECTIVE
 
 
 @dataclass
@@ -260,7 +262,10 @@ def _dedupe_points(frame: pd.DataFrame) -> pd.DataFrame:
 
 # The sweep driver also tags every swept key by its config path (axis.model.size, ...): those
 # repeat the study axes; any other axis.* tag is a further swept key.
-_STUDY_AXES = (cat.AXIS_SIZE, cat.AXIS_REGISTERS, cat.AXIS_STEPS, cat.AXIS_SEED, "axis.model.size", "axis.model.num_registers")
+_STUDY_AXES = (
+    cat.AXIS_SIZE, cat.AXIS_REGISTERS, cat.AXIS_STEPS, cat.AXIS_SEED, cat.AXIS_OBJECTIVE,
+    "axis.model.size", "axis.model.num_registers",
+)
 
 
 def _axis(run: _RawRun, tag: str) -> str | None:
@@ -276,10 +281,11 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
     for run in sorted(runs, key=lambda r: r.start_time):
         size, regs, steps = _axis(run, cat.AXIS_SIZE), _axis(run, cat.AXIS_REGISTERS), _axis(run, cat.AXIS_STEPS)
         seed = _axis(run, cat.AXIS_SEED) or run.run_id[:8]  # no seed recorded: every run is its own replicate
+        objective = _axis(run, cat.AXIS_OBJECTIVE) or cat.DEFAULT_OBJECTIVE
         trial_id = run.tags.get(cat.TRIAL_ID_TAG, "")
         axes = f"size={size} registers={regs} steps={steps} seed={seed}"
         if run.status != "FINISHED":
-            skipped.append(SkippedRun(run.run_id, trial_id, run.status, f"status {run.status}", axes))
+            skipped.append(SkippedRun(run.run_id, trial_id, run.status, f"status {run.status}", axes, objective))
             continue
         try:
             if size is None:
@@ -287,13 +293,13 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith("axis.") and k not in _STUDY_AXES))
             trial = Trial(
                 run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
-                _num_classes(run), run.tags.get(cat.PARENT_TAG, ""),
+                objective=objective, num_classes=_num_classes(run), parent_run_id=run.tags.get(cat.PARENT_TAG, ""),
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
-            skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes))
+            skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective))
             continue
-        setting = (trial.model_size, trial.num_registers, trial.steps, trial.seed, trial.other_axes)
+        setting = (trial.objective, trial.model_size, trial.num_registers, trial.steps, trial.seed, trial.other_axes)
         if setting in kept:  # a later launch re-ran the same setting and seed: keep the newest
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)

@@ -100,8 +100,9 @@ def analyse_sweep(
 def _draw_metric_figures(result: AnalysisResult, points: pd.DataFrame) -> None:
     folder = result.out_dir / "figures"
     drawn = {"emergence_progress": emergence_progress_figure(points, result.threshold, folder / "emergence_progress.png")}
-    for size in sorted(points["model_size"].unique(), key=cat.size_sort_key):
-        drawn[f"emergence_depth_{size}"] = emergence_depth_figure(points, size, result.threshold, folder / f"emergence_depth_{size}.png")
+    for group in sorted(points["group"].unique(), key=cat.group_sort_key):
+        name = group.replace("/", "-")  # 'dino/mini' -> emergence_depth_dino-mini
+        drawn[f"emergence_depth_{name}"] = emergence_depth_figure(points, group, result.threshold, folder / f"emergence_depth_{name}.png")
     drawn["register_effect"] = register_effect_figure(result.stats, result.recommendation.steps_used, folder / "register_effect.png")
     result.figures.update({name: path for name, path in drawn.items() if path is not None})
 
@@ -125,11 +126,11 @@ def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
         caveats.append(
             f"Other swept keys ({', '.join(varied)}) are pooled with the seeds: means and intervals mix their values."
         )
-    seeds = trials.groupby(["model_size", "num_registers", "steps"])["seed"].nunique()
+    seeds = trials.groupby(["objective", "model_size", "num_registers", "steps"])["seed"].nunique()
     if seeds.max() < 2:
         caveats.append("One seed per setting: no confidence intervals, so the sweep cannot tell close results apart.")
     elif seeds.min() < 2:
-        single = ", ".join(f"{s} r{r} {n} steps" for (s, r, n) in seeds[seeds < 2].index[:8])
+        single = ", ".join(f"{o} {s} r{r} {n} steps" for (o, s, r, n) in seeds[seeds < 2].index[:8])
         caveats.append(f"Some settings have one seed only ({single}): their intervals are undefined.")
     if (trials["num_registers"] == 0).sum() == 0:
         caveats.append("No trial without registers: the emergence of artifacts cannot be mapped.")

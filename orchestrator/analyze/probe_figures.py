@@ -60,7 +60,8 @@ def probe_figures(
 
 
 def _describe(trial: Trial, step: int) -> str:
-    return f"{trial.model_size}, {trial.num_registers} reg., step {step}/{trial.steps}, seed {trial.seed}"
+    family = "" if trial.objective == cat.DEFAULT_OBJECTIVE else f"{trial.objective} "
+    return f"{family}{trial.model_size}, {trial.num_registers} reg., step {step}/{trial.steps}, seed {trial.seed}"
 
 
 def _norm_hist(base, base_norms, regs, reg_norms, out: Path) -> Path:

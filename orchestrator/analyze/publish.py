@@ -46,12 +46,15 @@ def log_analysis_run(result: AnalysisResult) -> str:
     if rec.num_registers is not None:
         metrics["recommended_num_registers"] = rec.num_registers
     for p in result.emergence:
-        metrics[_key("emergence", p.model_size, f"steps_{p.steps}", "emerged")] = float(p.status == "emerged")
+        # Supervised keys keep their pre-objective names (emergence/mini/...); others add the objective.
+        group = _group(p.objective, p.model_size)
+        metrics[_key("emergence", *group, f"steps_{p.steps}", "emerged")] = float(p.status == "emerged")
         for name, value in (("step", p.step), ("fraction", p.fraction), ("block", p.block)):
             if value is not None:
-                metrics[_key("emergence", p.model_size, f"steps_{p.steps}", name)] = float(value)
+                metrics[_key("emergence", *group, f"steps_{p.steps}", name)] = float(value)
     for b in result.best:
-        metrics[_key("best_num_registers", b.model_size, f"steps_{b.steps}", b.metric)] = b.best
+        size = b.model_size.rpartition("/")[2]  # the group label carries the objective when several were swept
+        metrics[_key("best_num_registers", *_group(b.objective, size), f"steps_{b.steps}", b.metric)] = b.best
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
@@ -61,3 +64,7 @@ def log_analysis_run(result: AnalysisResult) -> str:
     client.log_artifacts(run_id, str(result.out_dir))
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def _group(objective: str, size: str) -> tuple[str, ...]:
+    return (size,) if objective == cat.DEFAULT_OBJECTIVE else (objective, size)

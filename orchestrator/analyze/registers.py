@@ -1,9 +1,10 @@
-"""The effect of the number of registers: per model size, each metric's mean and 95% t-interval
-over seeds against the register count, the best count per metric, and a recommendation.
+"""The effect of the number of registers: per objective and model size, each metric's mean and 95%
+t-interval over seeds against the register count, the best count per metric, and a recommendation.
 
 Recommendation rule (stated in the report): the smallest register count whose dense score is
 within the 95% interval of the best count's and whose output outlier fraction is at most the
-threshold; in every model size at once for the overall answer. The dense score is the mIoU, or
+threshold; in every model size (of every objective) at once for the overall answer, and in every
+size of one objective for that objective's answer. The dense score is the mIoU, or
 val top-1 when no trial logged an mIoU. Each size is judged at its longest training length.
 """
 
@@ -20,7 +21,8 @@ from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.learning import LearningCheck
 from orchestrator.analyze.load import Sweep
 
-STATS_COLUMNS = ["model_size", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
+# group: the model size, or objective/size when the sweep crossed several objectives (figure rows, per_size keys).
+STATS_COLUMNS = ["objective", "model_size", "group", "steps", "metric", "num_registers", "n", "mean", "ci_low", "ci_high"]
 
 
 def register_stats(sweep: Sweep) -> pd.DataFrame:
@@ -33,16 +35,24 @@ def register_stats(sweep: Sweep) -> pd.DataFrame:
     final = final[final["key"].isin(by_key)].dropna(subset=["value"])
     if final.empty:
         return pd.DataFrame(columns=STATS_COLUMNS)
-    merged = final.assign(metric=final["key"].map(by_key)).merge(sweep.trials_frame(), on="run_id")
+    trials = sweep.trials_frame()
+    several = trials["objective"].nunique() > 1
+    merged = final.assign(metric=final["key"].map(by_key)).merge(trials, on="run_id")
     rows = []
-    for (size, steps, metric, regs), group in merged.groupby(["model_size", "steps", "metric", "num_registers"]):
+    keys = ["objective", "model_size", "steps", "metric", "num_registers"]
+    for (objective, size, steps, metric, regs), group in merged.groupby(keys):
         values = group["value"].to_numpy(dtype=float)
         low, high = t_interval(values)
-        rows.append((size, int(steps), metric, int(regs), len(values), float(values.mean()), low, high))
+        label = cat.group_label(objective, size, several)
+        rows.append((objective, size, label, int(steps), metric, int(regs), len(values), float(values.mean()), low, high))
     frame = pd.DataFrame(rows, columns=STATS_COLUMNS)
     metric_order = {m.short: i for i, m in enumerate(cat.REGISTER_METRICS)}
-    order = {"_size": frame["model_size"].map(cat.size_sort_key), "_metric": frame["metric"].map(metric_order)}
-    ordered = frame.assign(**order).sort_values(["_size", "steps", "_metric", "num_registers"])
+    order = {
+        "_objective": frame["objective"].map(cat.objective_sort_key),
+        "_size": frame["model_size"].map(cat.size_sort_key),
+        "_metric": frame["metric"].map(metric_order),
+    }
+    ordered = frame.assign(**order).sort_values(["_objective", "_size", "steps", "_metric", "num_registers"])
     return ordered.drop(columns=list(order)).reset_index(drop=True)
 
 
@@ -58,7 +68,7 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class BestCount:
-    model_size: str
+    model_size: str  # the group label: the size, or objective/size when several objectives were swept
     steps: int
     metric: str  # short name
     best: int
@@ -66,12 +76,23 @@ class BestCount:
     clear: bool  # False with one seed or when another count's interval overlaps the best's
     tied_with: tuple[int, ...]  # counts whose interval overlaps the best's
     min_seeds: int
+    objective: str = cat.DEFAULT_OBJECTIVE
+
+
+def with_groups(stats: pd.DataFrame) -> pd.DataFrame:
+    """Stats frames written without the objective columns (one objective) get them: supervised, group = size."""
+    if "objective" not in stats:
+        stats = stats.assign(objective=cat.DEFAULT_OBJECTIVE)
+    if "group" not in stats:
+        stats = stats.assign(group=stats["model_size"])
+    return stats
 
 
 def best_counts(stats: pd.DataFrame) -> list[BestCount]:
-    """The best register count per (size, length, metric), with whether the sweep can tell."""
+    """The best register count per (objective, size, length, metric), with whether the sweep can tell."""
+    stats = with_groups(stats)
     result = []
-    for (size, steps, metric), group in stats.groupby(["model_size", "steps", "metric"], sort=False):
+    for (objective, size, steps, metric), group in stats.groupby(["objective", "group", "steps", "metric"], sort=False):
         spec = cat.METRICS_BY_SHORT[metric]
         group = group.sort_values("num_registers")
         # Ties go to the smaller count: fewer registers cost less.
@@ -81,7 +102,10 @@ def best_counts(stats: pd.DataFrame) -> list[BestCount]:
         min_seeds = int(group["n"].min())
         clear = min_seeds >= 2 and not tied
         result.append(
-            BestCount(size, int(steps), metric, int(best_row["num_registers"]), float(best_row["mean"]), clear, tied, min_seeds)
+            BestCount(
+                size, int(steps), metric, int(best_row["num_registers"]), float(best_row["mean"]), clear, tied,
+                min_seeds, objective,
+            )
         )
     return result
 
@@ -98,8 +122,9 @@ class Recommendation:
     metric: str  # short name of the dense score used
     rule: str
     can_tell: bool
-    per_size: dict[str, int | None] = field(default_factory=dict)
-    steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per size
+    per_size: dict[str, int | None] = field(default_factory=dict)  # by group: size, or objective/size
+    steps_used: dict[str, int] = field(default_factory=dict)  # training length judged per group
+    per_objective: dict[str, int | None] = field(default_factory=dict)  # the rule within each objective's sizes
     verdict: list[str] = field(default_factory=list)  # sentences for the report
     missing: list[str] = field(default_factory=list)  # why there is no recommendation, and what would supply it
     evidence: list[str] = field(default_factory=list)  # the numbers behind a recommendation
@@ -117,7 +142,7 @@ def recommend(
     rec = _apply_rule(stats, threshold, metric_for_best)
     if not rec.steps_used:
         return rec
-    learned = {(c.model_size, c.steps): c for c in learning}
+    learned = {(c.group, c.steps): c for c in learning}
     for size, steps in rec.steps_used.items():
         check = learned.get((size, steps))
         if check is not None and check.learned is False:
@@ -126,8 +151,9 @@ def recommend(
                 f"a register count chosen on untrained models means nothing. Train longer or on an easier task, "
                 f"e.g. `{sweep_command} --set 'grid.steps=[{steps * 4}]' --launch longer`."
             )
-    seeds = stats[stats["metric"] == rec.metric]
-    judged = seeds[[rec.steps_used.get(size) == steps for size, steps in zip(seeds["model_size"], seeds["steps"])]]
+    seeds = with_groups(stats)
+    seeds = seeds[seeds["metric"] == rec.metric]
+    judged = seeds[[rec.steps_used.get(group) == steps for group, steps in zip(seeds["group"], seeds["steps"])]]
     if not judged.empty and int(judged["n"].min()) < 2:
         rec.missing.append(
             "each setting has one seed, so no interval tells a real difference from noise between seeds. "
@@ -142,6 +168,7 @@ def recommend(
 
 
 def _apply_rule(stats: pd.DataFrame, threshold: float, metric_for_best: str) -> Recommendation:
+    stats = with_groups(stats)
     dense = cat.metric_spec(metric_for_best).short
     verdict: list[str] = []
     if dense not in set(stats["metric"]):
@@ -158,13 +185,14 @@ def _apply_rule(stats: pd.DataFrame, threshold: float, metric_for_best: str) -> 
     if sel.empty:
         verdict.append(f"No trial logged {spec.key} either: the sweep cannot recommend a register count.")
         return Recommendation(None, dense, rule, False, verdict=verdict)
-    longest = sel.groupby("model_size")["steps"].max().to_dict()
+    longest = sel.groupby("group")["steps"].max().to_dict()
+    objective_of = dict(zip(sel["group"], sel["objective"]))
     ok_by_size: dict[str, set[int]] = {}
     per_size: dict[str, int | None] = {}
     can_tell = True
-    for size in sorted(longest, key=cat.size_sort_key):
+    for size in sorted(longest, key=cat.group_sort_key):
         steps = longest[size]
-        group = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+        group = stats[(stats["group"] == size) & (stats["steps"] == steps)]
         ok, sentences, clear = _judge_size(group, spec, threshold)
         can_tell &= clear
         verdict.extend(f"{size} ({steps} steps): {s}" for s in sentences)
@@ -172,18 +200,26 @@ def _apply_rule(stats: pd.DataFrame, threshold: float, metric_for_best: str) -> 
         per_size[size] = min(ok) if ok else None
     common = set.intersection(*ok_by_size.values()) if ok_by_size else set()
     choice = min(common) if common else None
+    per_objective: dict[str, int | None] = {}
+    for objective in sorted(set(objective_of.values()), key=cat.objective_sort_key):
+        mine = [ok for g, ok in ok_by_size.items() if objective_of[g] == objective]
+        shared = set.intersection(*mine)
+        per_objective[objective] = min(shared) if shared else None
     if choice is None:
         verdict.append("No register count meets the rule in every model size; see the per-size answers.")
     steps_used = {k: int(v) for k, v in longest.items()}
     evidence = _evidence(stats, choice, spec, steps_used) if choice is not None else []
-    return Recommendation(choice, dense, rule, can_tell, per_size, steps_used, verdict, evidence=evidence)
+    return Recommendation(
+        choice, dense, rule, can_tell, per_size=per_size, steps_used=steps_used, verdict=verdict,
+        per_objective=per_objective, evidence=evidence,
+    )
 
 
 def _evidence(stats: pd.DataFrame, choice: int, spec: cat.MetricSpec, steps_used: dict[str, int]) -> list[str]:
     """Per size: the chosen count's score and outliers beside the best count's score."""
     lines = []
     for size, steps in steps_used.items():
-        cell = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+        cell = stats[(stats["group"] == size) & (stats["steps"] == steps)]
         dense = cell[cell["metric"] == spec.short].set_index("num_registers")
         if choice not in dense.index:
             continue
@@ -248,9 +284,14 @@ def _join(counts) -> str:
     return ", ".join(str(c) for c in counts)
 
 
-def metric_table(stats: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
-    """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'."""
+def metric_table(stats: pd.DataFrame, size: str, steps: int, objective: str | None = None) -> pd.DataFrame:
+    """One row per register count, one column per metric: 'mean [low, high]' or 'mean (1 seed)'.
+    The first column names the objective."""
+    stats = with_groups(stats)
     sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+    if objective is not None:
+        sel = sel[sel["objective"] == objective]
+    objective = objective or (str(sel["objective"].iloc[0]) if not sel.empty else cat.DEFAULT_OBJECTIVE)
     table: dict[str, dict[int, str]] = {}
     for r in sel.itertuples():
         cell = f"{r.mean:.4g} (n=1)" if r.n < 2 else f"{r.mean:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}]"
@@ -258,4 +299,6 @@ def metric_table(stats: pd.DataFrame, size: str, steps: int) -> pd.DataFrame:
     columns = [m.short for m in cat.REGISTER_METRICS if m.short in table]
     frame = pd.DataFrame({c: table[c] for c in columns}).sort_index()
     frame.index.name = "registers"
-    return frame.fillna("missing").reset_index()
+    frame = frame.fillna("missing").reset_index()
+    frame.insert(0, "objective", objective)
+    return frame

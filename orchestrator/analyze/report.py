@@ -44,7 +44,8 @@ def _cell(value: object) -> str:
 def best_table(result: AnalysisResult) -> pd.DataFrame:
     rows = [
         {
-            "model_size": b.model_size,
+            "objective": b.objective,
+            "model_size": b.model_size.rpartition("/")[2],
             "steps": b.steps,
             "metric": b.metric,
             "direction": "higher" if cat.METRICS_BY_SHORT[b.metric].higher_is_better else "lower",
@@ -55,12 +56,17 @@ def best_table(result: AnalysisResult) -> pd.DataFrame:
         }
         for b in result.best
     ]
-    return pd.DataFrame(rows, columns=["model_size", "steps", "metric", "direction", "best_num_registers", "mean", "seeds", "clear"])
+    columns = ["objective", "model_size", "steps", "metric", "direction", "best_num_registers", "mean", "seeds", "clear"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def skipped_table(result: AnalysisResult) -> pd.DataFrame:
-    rows = [{"run_id": s.run_id, "trial_id": s.trial_id, "status": s.status, "axes": s.axes, "reason": s.reason} for s in result.sweep.skipped]
-    return pd.DataFrame(rows, columns=["run_id", "trial_id", "status", "axes", "reason"])
+    columns = ["run_id", "trial_id", "status", "objective", "axes", "reason"]
+    rows = [
+        {"run_id": s.run_id, "trial_id": s.trial_id, "status": s.status, "objective": s.objective, "axes": s.axes, "reason": s.reason}
+        for s in result.sweep.skipped
+    ]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def write_outputs(result: AnalysisResult) -> Path:
@@ -98,6 +104,7 @@ def summary(result: AnalysisResult) -> dict:
             "rule": rec.rule,
             "can_tell": rec.can_tell,
             "per_size": rec.per_size,
+            "per_objective": rec.per_objective,
             "steps_used": rec.steps_used,
             "missing": rec.missing,
             "evidence": rec.evidence,
@@ -120,14 +127,16 @@ def _join(items: Sequence[object]) -> str:
 def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
     sweep, rec, thr = result.sweep, result.recommendation, result.threshold
     trials = sweep.trials_frame()
-    seeds = trials.groupby(["model_size", "num_registers", "steps"])["seed"].nunique()
+    seeds = trials.groupby(["objective", "model_size", "num_registers", "steps"])["seed"].nunique()
+    objectives = sorted(trials["objective"].unique(), key=cat.objective_sort_key)
     lines = [
         f"# Sweep analysis: {sweep.experiment_name}",
         "",
         f"Tracking store `{sweep.tracking_uri}`, experiment id {sweep.experiment_id}"
         + (f", parent run `{result.parent_run}`" if result.parent_run else "")
         + f". {len(sweep.trials)} finished trials analysed, {len(sweep.skipped)} runs skipped.",
-        f"Model sizes: {_join(sorted(trials['model_size'].unique(), key=cat.size_sort_key))}; "
+        f"Objectives: {_join(objectives)}; "
+        f"model sizes: {_join(sorted(trials['model_size'].unique(), key=cat.size_sort_key))}; "
         f"register counts: {_join(sorted(trials['num_registers'].unique()))}; "
         f"training lengths: {_join(sorted(trials['steps'].unique()))} steps; "
         f"seeds per setting: {seeds.min()}" + (f" to {seeds.max()}" if seeds.max() != seeds.min() else "") + ".",
@@ -146,6 +155,8 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         "",
         "## Emergence of artifacts (trials without registers)",
         "",
+        "Per objective: each family (supervised, DINO self-distillation, CLIP) is mapped on its own.",
+        "",
         "Emergence step: the first probe step from which the output outlier fraction (mean over seeds) stays above "
         f"{thr:g} for every later step. Emergence block: at the last probe step, the first block from which every "
         "deeper block is above the threshold. `none`: it never does.",
@@ -159,12 +170,13 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         f"Recommendation rule: {rec.rule}.",
         "",
     ]
-    for size, steps in _size_lengths(result.stats):
-        lines += [f"### {size}, {steps} training steps", "", markdown_table(metric_table(result.stats, size, steps)), ""]
+    for objective, size, steps in _size_lengths(result.stats):
+        table = metric_table(result.stats, size, steps, objective)
+        lines += [f"### {objective}, {size}, {steps} training steps", "", markdown_table(table), ""]
     if result.stats.empty:
         lines += ["No register metrics were logged.", ""]
     best = best_table(result)
-    lines += ["### Best register count per size and metric", "", markdown_table(best) if not best.empty else "none", ""]
+    lines += ["### Best register count per objective, size and metric", "", markdown_table(best) if not best.empty else "none", ""]
     lines += _figure_links(result, lambda name: name == "register_effect")
     lines += _test_time_lines(result)
     lines += ["## Norms and attention (probe artifacts)", ""]
@@ -189,7 +201,9 @@ def _findings(result: AnalysisResult) -> list[str]:
     rec, thr = result.recommendation, result.threshold
     lines: list[str] = []
     emerged = result.sizes_with_artifacts
-    clean = sorted({p.model_size for p in result.emergence if p.status == "none"} - set(emerged), key=cat.size_sort_key)
+    clean = sorted(
+        {result.point_label(p) for p in result.emergence if p.status == "none"} - set(emerged), key=cat.group_sort_key
+    )
     judged = [p for p in result.emergence if p.status != "missing"]
     if result.emergence and not judged:
         lines.append("- No trial without registers logged outlier fractions: the emergence of artifacts cannot be judged.")
@@ -201,19 +215,20 @@ def _findings(result: AnalysisResult) -> list[str]:
             f"No artifacts in: {_join(clean)}."
         )
     for p in result.emergence:
+        name = p.model_size if p.objective == cat.DEFAULT_OBJECTIVE else f"{p.objective} {p.model_size}"
         if p.status == "emerged":
             where = f"from block {p.block} on to the output" if p.block is not None else "at the output only"
             lines.append(
-                f"- {p.model_size}, {p.steps} steps: artifacts emerged at step {p.step} ({p.fraction:.0%} of training) "
+                f"- {name}, {p.steps} steps: artifacts emerged at step {p.step} ({p.fraction:.0%} of training) "
                 f"and stayed; at the last probe step they appear {where}. Final output outlier fraction "
                 f"{p.final_output_frac:.3g} ({p.n_seeds} seed{'s' if p.n_seeds != 1 else ''})."
             )
         elif p.status == "none":
             lines.append(
-                f"- {p.model_size}, {p.steps} steps: no artifacts (final output outlier fraction {p.final_output_frac:.3g})."
+                f"- {name}, {p.steps} steps: no artifacts (final output outlier fraction {p.final_output_frac:.3g})."
             )
         else:
-            lines.append(f"- {p.model_size}, {p.steps} steps: no outlier-fraction metrics were logged.")
+            lines.append(f"- {name}, {p.steps} steps: no outlier-fraction metrics were logged.")
     lines += [f"- {check.sentence()}" for check in result.learning]
     metric = cat.METRICS_BY_SHORT[rec.metric]
     if rec.missing:
@@ -227,19 +242,22 @@ def _findings(result: AnalysisResult) -> list[str]:
         lines += [f"  - Evidence, {sentence}" for sentence in rec.evidence]
     else:
         lines.append("- **No register count can be recommended** by the rule below.")
+    if len(rec.per_objective) > 1:
+        per_objective = ", ".join(f"{o}: {v if v is not None else 'none'}" for o, v in rec.per_objective.items())
+        lines.append(f"- Per objective (the rule within each objective's sizes): {per_objective}.")
     if not rec.can_tell:
         lines.append("- The sweep cannot tell the best register count with confidence: see the sentences below.")
     lines += [f"- {sentence}" for sentence in rec.verdict]
     return lines
 
 
-def _size_lengths(stats: pd.DataFrame) -> list[tuple[str, int]]:
-    pairs = {(r.model_size, int(r.steps)) for r in stats.itertuples()}
-    return sorted(pairs, key=lambda p: (cat.size_sort_key(p[0]), p[1]))
+def _size_lengths(stats: pd.DataFrame) -> list[tuple[str, str, int]]:
+    groups = {(r.objective, r.model_size, int(r.steps)) for r in stats.itertuples()}
+    return sorted(groups, key=lambda g: (cat.objective_sort_key(g[0]), cat.size_sort_key(g[1]), g[2]))
 
 
 def _depth_title(name: str) -> str:
-    size = name.removeprefix("emergence_depth_")
+    size = name.removeprefix("emergence_depth_").replace("-", " ")
     return f"Outlier fraction by block and training step, {size}, no registers"
 
 

@@ -33,6 +33,11 @@ class AnalysisResult:
     report_path: Path | None = None
     analysis_run_id: str | None = None
 
+    def point_label(self, point: EmergencePoint) -> str:
+        """The size, or objective/size when the sweep crossed several objectives."""
+        several = len({p.objective for p in self.emergence}) > 1
+        return cat.group_label(point.objective, point.model_size, several)
+
     @property
     def sizes_with_artifacts(self) -> list[str]:
-        return sorted({p.model_size for p in self.emergence if p.status == "emerged"}, key=cat.size_sort_key)
+        return sorted({self.point_label(p) for p in self.emergence if p.status == "emerged"}, key=cat.group_sort_key)

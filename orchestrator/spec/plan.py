@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.spec.schema import SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig
-from trainers.cost import train_flops_per_image
+from trainers.cost import objective_train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}
@@ -48,7 +48,10 @@ class SweepPlan:
 
 
 def num_classes(data: DataConfig) -> int:
-    """Classes of the data set: shapes has data.num_classes; imagefolder is ImageNet-1k unless set."""
+    """Classes of the data set: shapes has data.num_classes; imagefolder is ImageNet-1k unless set;
+    image-text data trains no classifier."""
+    if data.name in ("webdataset", "csv"):
+        return 0
     if data.name == "shapes" or (data.name == "imagefolder" and "num_classes" in data.model_fields_set):
         return data.num_classes
     return DATASET_CLASSES[data.name]
@@ -60,7 +63,7 @@ def tokens_per_image(model: ModelConfig) -> int:
 
 
 def trial_flops(cfg: TrainConfig) -> int:
-    return train_flops_per_image(cfg.model, num_classes(cfg.data)) * cfg.optim.batch_size * cfg.steps
+    return objective_train_flops_per_image(cfg, num_classes(cfg.data)) * cfg.optim.batch_size * cfg.steps
 
 
 def make_plan(spec: SweepSpec) -> SweepPlan:
@@ -164,6 +167,11 @@ def format_plan(plan: SweepPlan) -> str:
     per_trial = sorted({t.flops for t in plan.trials})
     span = format_flops(per_trial[0]) if len(per_trial) == 1 else f"{format_flops(per_trial[0])} to {format_flops(per_trial[-1])}"
     lines.append(f"Training FLOPs (estimate): {span} per trial, {format_flops(plan.total_flops)} for the sweep")
+    objectives = sorted({t.config.objective for t in plan.trials} - {"supervised"})
+    if objectives:
+        passes = {"dino": "dino: teacher on 2 global crops, student on 2 global + local crops, heads",
+                  "clip": "clip: image and text towers"}
+        lines.append(f"  (extra passes counted: {'; '.join(passes[o] for o in objectives)})")
     if any(k == c or k.startswith(c) for k in plan.searched for c in COST_KEYS):
         lines.append("  (searched keys change the cost; the estimate uses the base train values)")
     lines.append(f"Retries: up to {spec.max_failures} per failed trial")

@@ -50,7 +50,7 @@ def trial_config(base: Mapping[str, Any], axes: Mapping[str, Any]) -> TrainConfi
 
 
 def axis_tags(cfg: TrainConfig, axes: Mapping[str, Any]) -> dict[str, str]:
-    """The four study axes on every run (swept or not), plus every other swept key."""
+    """The study axes on every run (swept or not), plus every other swept key."""
     tags = {f"axis.{path}": str(value) for path, value in axes.items()}
     tags.update(
         {
@@ -58,14 +58,15 @@ def axis_tags(cfg: TrainConfig, axes: Mapping[str, Any]) -> dict[str, str]:
             "axis.num_registers": str(cfg.model.num_registers),
             "axis.steps": str(cfg.steps),
             "axis.seed": str(cfg.seed),
+            "axis.objective": cfg.objective,
         }
     )
     return tags
 
 
 def trial_label(axes: Mapping[str, Any], index: int) -> str:
-    """Readable run name: t003-model.size=mini-model.num_registers=4 -> t003-mini-r4."""
-    short = {"model.size": "", "model.num_registers": "r", "steps": "s", "seed": "seed"}
+    """Readable run name: t003-objective=dino-model.size=mini-model.num_registers=4 -> t003-dino-mini-r4."""
+    short = {"objective": "", "model.size": "", "model.num_registers": "r", "steps": "s", "seed": "seed"}
     parts = [f"t{index:03d}"]
     for path, value in axes.items():
         prefix = short.get(path, path.rsplit(".", 1)[-1] + "=")

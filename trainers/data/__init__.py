@@ -1,4 +1,5 @@
-"""Data sources for the trainer: the generated 'shapes' set, CIFAR-10/100 and ImageFolder.
+"""Data sources for the trainer: the generated 'shapes' set (with captions), CIFAR-10/100,
+ImageFolder, and image-text pairs (WebDataset shards, CSV) for CLIP.
 
     check_data(cfg)                      cheap preflight before Ray starts
     build_data(cfg, img_size=, seed=, device=) -> DataSource
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import DataConfig
-from .layout import DatasetNotFoundError, check_local_layout, is_s3, required_children, resolve_root
+from .layout import IMAGE_TEXT, DatasetNotFoundError, check_local_layout, is_s3, required_children, resolve_root
 
 if TYPE_CHECKING:
     import torch
@@ -34,20 +35,43 @@ def __getattr__(name: str) -> Any:
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Raise DatasetNotFoundError if a real data set is not where cfg.root says; no-op for 'shapes'."""
+    """Raise DatasetNotFoundError if a real data set is not where cfg.root (and cfg.val_root)
+    says; no-op for 'shapes'."""
     if cfg.name == "shapes":
         return
-    root = resolve_root(cfg)
-    if is_s3(root):
-        from .s3sync import check_s3_layout
+    for key, layout in (("root", cfg.name), ("val_root", "val_root")):
+        if key == "val_root" and cfg.name not in IMAGE_TEXT:
+            continue
+        root = resolve_root(cfg, key)
+        if is_s3(root):
+            from .s3sync import check_s3_layout
 
-        check_s3_layout(cfg.name, root, required_children(cfg.name))
-    else:
-        check_local_layout(cfg.name, Path(root))
+            if layout == "csv":
+                raise DatasetNotFoundError(f"csv: data.root must be a local file, not {root}")
+            check_s3_layout(layout, root, required_children(layout))
+        else:
+            check_local_layout(layout, Path(root))
 
 
-def build_data(cfg: DataConfig, *, img_size: int, seed: int, device: "torch.device") -> "DataSource":
-    """The data source that cfg names, yielding batches on `device`."""
+def _local(name: str, root: str) -> Path:
+    """A local copy of the data at root: mirrored once per node when it is s3://."""
+    if not is_s3(root):
+        return Path(root)
+    if name == "csv":
+        raise DatasetNotFoundError(f"csv: data.root must be a local file, not {root}")
+    from .s3sync import check_s3_layout, sync_prefix
+
+    check_s3_layout(name, root, required_children(name))
+    return sync_prefix(root)
+
+
+def build_data(
+    cfg: DataConfig, *, img_size: int, seed: int, device: "torch.device", augment: bool = True
+) -> "DataSource":
+    """The data source that cfg names, yielding batches on `device`.
+
+    augment=False: real training images get the evaluation transform (the DINO objective
+    makes its own random crops on the device)."""
     if cfg.name == "shapes":
         from .shapes import ShapesSource
 
@@ -59,15 +83,19 @@ def build_data(cfg: DataConfig, *, img_size: int, seed: int, device: "torch.devi
             seed=seed,
             device=device,
         )
-    root = resolve_root(cfg)
-    if is_s3(root):
-        from .s3sync import check_s3_layout, sync_prefix
-
-        check_s3_layout(cfg.name, root, required_children(cfg.name))
-        local = sync_prefix(root)
-    else:
-        local = Path(root)
+    local = _local(cfg.name, resolve_root(cfg))
     check_local_layout(cfg.name, local)
+    if cfg.name in IMAGE_TEXT:
+        from .image_text import build_image_text
+
+        val_local = _local("val_root", resolve_root(cfg, "val_root"))
+        check_local_layout("val_root", val_local)
+        return build_image_text(
+            cfg.name, local, val_local, img_size=img_size, seed=seed, device=device,
+            num_workers=cfg.num_workers, augment=augment,
+        )
     from .real import build_real  # torchvision is imported only for real data
 
-    return build_real(cfg.name, local, img_size=img_size, seed=seed, device=device, num_workers=cfg.num_workers)
+    return build_real(
+        cfg.name, local, img_size=img_size, seed=seed, device=device, num_workers=cfg.num_workers, augment=augment
+    )

@@ -18,12 +18,13 @@ class Batch:
     images: torch.Tensor  # float32 [B, 3, H, W], normalised
     labels: torch.Tensor  # int64 [B]
     masks: torch.Tensor | None = None  # int64 [B, H, W]: 0 background, c + 1 object of class c
+    captions: list[str] | None = None  # one caption per image, where the data has them (CLIP)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch(move(self.images), move(self.labels), move(self.masks))  # type: ignore[arg-type]
+        return Batch(move(self.images), move(self.labels), move(self.masks), self.captions)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -32,6 +33,7 @@ class Batch:
 class DataSource(Protocol):
     num_classes: int
     has_masks: bool
+    class_names: list[str]  # of the labelled validation split: zero-shot prompts name them
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
         """Batches for steps start_step, start_step + 1, ... on the source's device."""
@@ -41,3 +43,7 @@ class DataSource(Protocol):
 
     def probe_batch(self, size: int) -> Batch:
         """The first `size` validation images: the fixed probe batch."""
+
+    def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
+        """Up to `count` labelled training images without augmentation, always the same ones
+        (the feature bank of a k-NN evaluation)."""

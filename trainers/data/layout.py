@@ -30,23 +30,30 @@ HINTS = {
     "cifar10": "put torchvision's CIFAR-10 python files there (cifar-10-python.tar.gz, extracted)",
     "cifar100": "put torchvision's CIFAR-100 python files there (cifar-100-python.tar.gz, extracted)",
     "imagefolder": "expected the ImageNet layout: train/<class>/*.jpg and val/<class>/*.jpg",
+    "webdataset": "expected WebDataset shards: *.tar files whose samples pair a .jpg with a .txt caption",
+    "csv": "expected a CSV file with 'image' and 'caption' columns (image paths relative to the file)",
+    "val_root": "expected labelled validation images in ImageFolder layout: <class>/*.jpg",
 }
+IMAGE_TEXT = ("webdataset", "csv")
 
 
 def required_children(name: str) -> list[str]:
     """Top-level entries of the data set's root that must exist (also used for s3 prefixes)."""
+    if name in IMAGE_TEXT or name == "val_root":
+        return [""]  # anything under the root: shards, or class folders
     return [CIFAR_FILES[name][0]] if name in CIFAR_FILES else ["train", "val"]
 
 
-def resolve_root(cfg: DataConfig) -> str:
-    """cfg.root with ${ENV_VAR} expanded; an unset variable is an error that names it."""
-    if cfg.root is None:
-        raise DatasetNotFoundError(f"{cfg.name}: data.root is not set; {HINTS[cfg.name]}")
-    root = os.path.expandvars(cfg.root)
+def resolve_root(cfg: DataConfig, key: str = "root") -> str:
+    """cfg.root (or cfg.val_root) with ${ENV_VAR} expanded; an unset variable is an error that names it."""
+    raw = getattr(cfg, key)
+    if raw is None:
+        raise DatasetNotFoundError(f"{cfg.name}: data.{key} is not set; {HINTS[cfg.name if key == 'root' else key]}")
+    root = os.path.expandvars(raw)
     unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", root)
     if unset:
         raise DatasetNotFoundError(
-            f"{cfg.name}: data.root {cfg.root!r} uses environment variable {unset[0]}, which is not set"
+            f"{cfg.name}: data.{key} {raw!r} uses environment variable {unset[0]}, which is not set"
         )
     return root if is_s3(root) else str(Path(root).expanduser())
 
@@ -61,6 +68,14 @@ def class_dirs(split_dir: Path) -> list[str]:
 
 def check_local_layout(name: str, root: Path) -> None:
     """Raise DatasetNotFoundError unless `root` holds data set `name` in the expected layout."""
+    if name == "csv":
+        if not root.is_file():
+            raise DatasetNotFoundError(f"csv: no file {root}; {HINTS[name]}")
+        return
+    if name == "val_root":
+        if not root.is_dir() or not class_dirs(root):
+            raise DatasetNotFoundError(f"data.val_root: no class directories in {root}; {HINTS[name]}")
+        return
     if not root.is_dir():
         raise DatasetNotFoundError(f"{name}: no directory {root}; {HINTS[name]}")
     if name in CIFAR_FILES:
@@ -70,6 +85,10 @@ def check_local_layout(name: str, root: Path) -> None:
         missing = [f for f in files if not (root / folder / f).is_file()]
         if missing:
             raise DatasetNotFoundError(f"{name}: missing {', '.join(missing)} in {root / folder}; {HINTS[name]}")
+        return
+    if name == "webdataset":
+        if next(root.rglob("*.tar"), None) is None:
+            raise DatasetNotFoundError(f"webdataset: no *.tar shards under {root}; {HINTS[name]}")
         return
     classes = {}
     for split in ("train", "val"):

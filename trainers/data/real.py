@@ -9,6 +9,7 @@ run started at 0 or was resumed at s, and whatever the number of workers.
 
 from __future__ import annotations
 
+import copy
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -108,6 +109,7 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
 
 
 def _cifar_transforms(name: str, img_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(train, eval) transforms: random crop and flip for training; resize only for evaluation."""
     resize = [transforms.Resize(img_size)] if img_size != 32 else []
     tail = [transforms.ToTensor(), transforms.Normalize(*CIFAR_STATS[name])]
     train = transforms.Compose(
@@ -133,21 +135,29 @@ def _imagefolder_transforms(img_size: int) -> tuple[Callable[..., Any], Callable
 
 
 class RealSource:
-    """A DataSource over a map-style train and val dataset of (PIL image, label)."""
+    """A DataSource over a map-style train and val dataset of (PIL image, label).
+
+    Image-text data gives (image, caption) pairs for training instead; its batches carry the
+    captions and label -1. `reference` is the train split without augmentation (None where the
+    training images have no labels): the k-NN evaluation's feature bank."""
 
     has_masks = False
 
     def __init__(
         self,
-        train: Dataset[tuple[Any, int]],
+        train: Dataset[tuple[Any, Any]],
         val: Dataset[tuple[Any, int]],
         *,
         num_classes: int,
         seed: int,
         device: torch.device,
         num_workers: int,
+        class_names: list[str] | None = None,
+        reference: Dataset[tuple[Any, int]] | None = None,
     ) -> None:
         self.num_classes = num_classes
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.reference = SeededSamples(reference) if reference is not None else None
         self.train, self.val = SeededSamples(train), SeededSamples(val)
         self.seed, self.device, self.num_workers = seed, device, num_workers
         self._order = EpochOrder(len(self.train), derive_seed(seed, "real", "order"))
@@ -166,12 +176,26 @@ class RealSource:
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
         )
 
-    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
-        return Batch(images, labels).to(self.device, non_blocking=True)
+    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor | list[str]) -> Batch:
+        if isinstance(labels, torch.Tensor):
+            return Batch(images, labels).to(self.device, non_blocking=True)
+        # Image-text pairs: the loader collates the captions into a list of strings.
+        unlabelled = torch.full((len(labels),), -1, dtype=torch.int64)
+        return Batch(images, unlabelled, captions=list(labels)).to(self.device, non_blocking=True)
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
         sampler = StepBatchSampler(self._order, self.seed, start_step, batch_size)
         for images, labels in self._loader(self.train, sampler):
+            yield self._to_batch(images, labels)
+
+    def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
+        if self.reference is None:
+            return
+        # A fixed, seeded subset of the training images, the same at every evaluation.
+        order = EpochOrder(len(self.reference), derive_seed(self.seed, "real", "reference")).permutation(0)
+        keys = [(int(i), 0) for i in order[: min(count, len(self.reference))]]
+        batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
+        for images, labels in self._loader(self.reference, batches):
             yield self._to_batch(images, labels)
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
@@ -192,22 +216,42 @@ class RealSource:
         return self._to_batch(images, labels)
 
 
+def readable_class_names(folder: Path, classes: list[str]) -> list[str]:
+    """Names for zero-shot prompts: classnames.txt in the folder (one per line, in sorted
+    folder order, e.g. ImageNet's 'tench' for n01440764) or the folder names, '_' as spaces."""
+    listing = folder / "classnames.txt"
+    if listing.is_file():
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        if len(names) == len(classes):
+            return names
+    return [c.replace("_", " ") for c in classes]
+
+
 def build_real(
-    name: str, root: Path, *, img_size: int, seed: int, device: torch.device, num_workers: int
+    name: str, root: Path, *, img_size: int, seed: int, device: torch.device, num_workers: int, augment: bool = True
 ) -> RealSource:
-    """A RealSource for 'cifar10', 'cifar100' or 'imagefolder' at a checked local root."""
+    """A RealSource for 'cifar10', 'cifar100' or 'imagefolder' at a checked local root.
+
+    augment=False trains on the evaluation transform (DINO crops on the device instead)."""
     if name in CIFAR_STATS:
         train_tf, val_tf = _cifar_transforms(name, img_size)
         cls = _CIFAR10 if name == "cifar10" else _CIFAR100
-        train: Any = cls(str(root), train=True, transform=train_tf, download=False)
+        train: Any = cls(str(root), train=True, transform=train_tf if augment else val_tf, download=False)
         val: Any = cls(str(root), train=False, transform=val_tf, download=False)
-        num_classes = len(train.classes)
+        reference = copy.copy(train)
+        reference.transform = val_tf
+        class_names = list(train.classes)
     elif name == "imagefolder":
         train_tf, val_tf = _imagefolder_transforms(img_size)
         classes = class_dirs(root / "train")
-        train = _TrainClassesFolder(root / "train", classes, train_tf, allow_empty=False)
+        train = _TrainClassesFolder(root / "train", classes, train_tf if augment else val_tf, allow_empty=False)
         val = _TrainClassesFolder(root / "val", classes, val_tf, allow_empty=True)
-        num_classes = len(classes)
+        reference = copy.copy(train)  # shares the file list: no second scan of the folders
+        reference.transform = val_tf
+        class_names = readable_class_names(root, classes)
     else:
         raise ValueError(f"unknown real data set {name!r}")
-    return RealSource(train, val, num_classes=num_classes, seed=seed, device=device, num_workers=num_workers)
+    return RealSource(
+        train, val, num_classes=len(class_names), seed=seed, device=device, num_workers=num_workers,
+        class_names=class_names, reference=reference,
+    )

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .base import Batch
+from .captions import ParameterLayout, captions
 from .sampling import EpochOrder, derive_seed
 
 Tensor = torch.Tensor
@@ -88,6 +89,12 @@ OBJECT_AREA = (0.10, 0.30)  # fraction of the image an object covers, before edg
 CX, CY, EXTENT, ANGLE = 0, 1, 2, 3
 FG = slice(4, 7)  # object colour
 BG = slice(7, 10)  # background base colour
+CAPTION_LAYOUT = ParameterLayout(
+    shape_names=SHAPE_NAMES,
+    area_per_r2=tuple(SHAPES[name][1] for name in SHAPE_NAMES),
+    object_area=OBJECT_AREA,
+    cx=CX, cy=CY, extent=EXTENT, fg=FG, bg=BG,
+)
 GRAD_X, GRAD_Y = 10, 11  # background gradient: direction * strength
 GRAD_RGB = slice(12, 15)  # colour change along the gradient
 WAVE_X, WAVE_Y = 15, 16  # low-frequency wave vector, cycles per image
@@ -160,10 +167,13 @@ class ShapesSource:
         self.seed = seed
         self.device = device
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._cpu_params: dict[str, Tensor] = {}
+        self.class_names = list(SHAPE_NAMES[:num_classes])
         for split, size in (("train", train_size), ("val", val_size)):
             params, labels = draw_parameters(size, num_classes, derive_seed(seed, "shapes", split))
             # Labels stay on the CPU too, so that grouping a batch by shape kind needs no device sync.
             self._splits[split] = (params.to(device), labels.to(device), labels)
+            self._cpu_params[split] = params  # captions are read on the host, without a device sync
         self._order = EpochOrder(train_size, derive_seed(seed, "shapes", "order"))
         self._mean = torch.zeros(3, device=device)
         self._std = torch.ones(3, device=device)
@@ -225,7 +235,15 @@ class ShapesSource:
         images = torch.where(inside.unsqueeze(1), (rgb(FG) - mean) / std, background)
         images.clamp_((0.0 - mean) / std, (1.0 - mean) / std)
         masks = inside.long() * (labels + 1).view(-1, 1, 1)
-        return Batch(images, labels, masks)
+        return Batch(images, labels, masks, self._captions(split, rows, labels_cpu))
+
+    def _captions(self, split: str, rows: Tensor, labels_cpu: Tensor) -> list[str]:
+        return captions(self._cpu_params[split][rows], labels_cpu, CAPTION_LAYOUT)
+
+    def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
+        n = min(count, len(self._splits["train"][2]))
+        for start in range(0, n, batch_size):
+            yield self._render("train", torch.arange(start, min(start + batch_size, n)), size=self.img_size)
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
         for step in count(start_step):

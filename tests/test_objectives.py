@@ -1,0 +1,117 @@
+"""Every objective trains a few CPU steps with registers, and resumes on the same trajectory."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from trainers.config import ClipConfig, DataConfig, DinoConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from trainers.loop import Trainer
+from trainers.probes import names
+from trainers.tracking import MemoryTracker
+
+CPU = torch.device("cpu")
+OBJECTIVES = ("supervised", "dino", "clip")
+
+
+def tiny(objective: str, **overrides) -> TrainConfig:
+    base = dict(
+        objective=objective,
+        model=ModelConfig(size="micro", img_size=32, patch_size=8, num_registers=4),
+        data=DataConfig(name="shapes", num_classes=4, train_size=128, val_size=32),
+        optim=OptimConfig(lr=1e-3, batch_size=8, warmup_steps=1),
+        probe=ProbeConfig(every=0, at_end=False),
+        dino=DinoConfig(
+            head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2, local_crop_size=16,
+            knn_train_size=64, centering="momentum", freeze_last_layer=0.25,
+        ),
+        clip=ClipConfig(embed_dim=16, text_width=32, text_layers=1, text_heads=2, context_length=20),
+        steps=8,
+        log_every=2,
+        eval_every=4,
+        seed=5,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_few_steps_with_registers_log_the_objectives_metrics(objective: str) -> None:
+    tracker = MemoryTracker()
+    trainer = Trainer(tiny(objective), CPU)
+    assert trainer.model.num_prefix_tokens == 1 + 4
+    metrics = trainer.fit(tracker)
+    assert trainer.step == 8
+    assert all(math.isfinite(v) for _, v in tracker.history(names.TRAIN_LOSS))
+    assert 0.0 <= metrics[names.VAL_TOP1] <= 1.0
+    keys = {key for _, key, _ in tracker.metrics}
+    expected = {
+        "supervised": {names.VAL_LOSS},
+        "dino": {"val/knn_top1", "train/dino_loss", "train/ibot_loss", "train/koleo_loss", "train/teacher_temp", "train/momentum"},
+        "clip": {"val/zeroshot_top1", "train/logit_scale"},
+    }[objective]
+    assert expected <= keys
+
+
+def test_dino_probes_read_the_teacher_and_the_teacher_follows_the_student() -> None:
+    trainer = Trainer(tiny("dino", steps=3, eval_every=0), CPU)
+    objective = trainer.objective
+    assert objective.probe_model is objective.teacher["backbone"] and trainer.model is objective.student["backbone"]
+    before = [p.detach().clone() for p in objective.teacher.parameters()]
+    trainer.fit()
+    moved = [not torch.equal(a, b) for a, b in zip(before, objective.teacher.parameters())]
+    assert any(moved)  # the EMA moved the teacher
+    assert not any(p.requires_grad for p in objective.teacher.parameters())
+    # The prototypes were frozen for the first 25% of the steps (two of eight), then trained.
+    assert trainer.cfg.dino.freeze_last_layer == 0.25
+
+
+def _train_then_next_loss(cfg: TrainConfig, tmp_path, stop: int) -> tuple[float, float]:
+    """(loss of step stop + 1 without interruption, loss of that step after a save and load)."""
+    original = Trainer(cfg, CPU)
+    batches = original.data.train_batches(0, cfg.optim.batch_size)
+    for _ in range(stop):
+        original.train_step(next(batches))
+        original.step += 1
+    original.save(tmp_path)
+    uninterrupted = float(original.train_step(next(batches)))
+    restored = Trainer(cfg, CPU)
+    restored.load(tmp_path)
+    assert restored.step == stop
+    resumed = float(restored.train_step(next(restored.data.train_batches(stop, cfg.optim.batch_size))))
+    return uninterrupted, resumed
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_checkpoint_round_trip_gives_the_identical_next_loss(objective: str, tmp_path) -> None:
+    uninterrupted, resumed = _train_then_next_loss(tiny(objective), tmp_path, stop=3)
+    assert resumed == uninterrupted
+
+
+def test_dino_round_trip_with_sinkhorn_and_a_separate_ibot_head(tmp_path) -> None:
+    cfg = tiny("dino")
+    cfg.dino = cfg.dino.model_copy(update={"centering": "sinkhorn_knopp", "ibot_separate_head": True})
+    uninterrupted, resumed = _train_then_next_loss(cfg, tmp_path, stop=3)
+    assert resumed == uninterrupted
+
+
+@pytest.mark.parametrize("objective", ("dino", "clip"))
+def test_objective_state_is_plain_tensors_and_numbers(objective: str) -> None:
+    """What an objective adds to the checkpoint loads with torch.load(weights_only=True) (issue 19)."""
+    trainer = Trainer(tiny(objective, steps=2, eval_every=0), CPU)
+    trainer.fit()
+    buffer = io.BytesIO()
+    torch.save(trainer.objective.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = Trainer(tiny(objective, steps=2, eval_every=0), CPU)
+    fresh.objective.load_state_dict(state)
+    if objective == "dino":
+        assert torch.equal(fresh.objective.teacher["dino_head"].last_layer.weight_v,
+                           trainer.objective.teacher["dino_head"].last_layer.weight_v)
+        assert set(state["schedule"]) == {"teacher_temp", "momentum", "weight_decay"}
+    else:
+        assert torch.equal(fresh.objective.towers.logit_scale, trainer.objective.towers.logit_scale)

@@ -1,0 +1,66 @@
+"""Each self-supervised objective learns on 'shapes', not only runs (slow: about a minute each on one core).
+
+DINO: k-NN top-1 of the teacher's [CLS] features after a short run, against chance and against
+the same network at initialisation (random ViT features already separate some classes).
+CLIP: zero-shot top-1 with class prompts, against chance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainers.config import ClipConfig, DataConfig, DinoConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+from trainers.loop import Trainer
+from trainers.probes import names
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+CLASSES = 4
+CHANCE = 1 / CLASSES
+
+
+def _config(objective: str, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(
+        objective=objective,
+        model=ModelConfig(size="micro", img_size=32, patch_size=8, num_registers=4),
+        data=DataConfig(name="shapes", num_classes=CLASSES, train_size=4096, val_size=256),
+        optim=OptimConfig(lr=lr, batch_size=64, warmup_steps=steps // 10, weight_decay=0.04),
+        probe=ProbeConfig(every=0, at_end=False),
+        # Short-run settings: few prototypes, a faster teacher, strong colour jitter (the shape,
+        # not the colour, is what two crops of a 'shapes' image share), and no local crops.
+        dino=DinoConfig(
+            head_prototypes=256, head_hidden_dim=256, head_bottleneck_dim=64, local_crops=0, knn_train_size=1024,
+            centering="momentum", momentum_teacher=0.99, final_momentum_teacher=0.995, colour_jitter=1.0,
+            teacher_temp=0.04, warmup_teacher_temp=0.04,
+        ),
+        clip=ClipConfig(embed_dim=64, text_width=64, text_layers=2, text_heads=2, context_length=20, prompts=["a {}"]),
+        steps=steps,
+        log_every=steps,
+        seed=0,
+    )
+
+
+@pytest.mark.xfail(
+    reason="not learning yet: in five short-run settings (momentum and Sinkhorn-Knopp centring, 64-512 prototypes,"
+    " with and without iBOT/KoLeo/local crops, 300-400 steps) the DINO loss stayed near ln K (uniform collapse)"
+    " and k-NN top-1 stayed at 0.18-0.26 against 0.21 at initialisation (6 classes); see issue 16's report",
+    strict=False,
+)
+def test_dino_knn_top1_beats_chance_and_initialisation() -> None:
+    torch.set_num_threads(1)
+    trainer = Trainer(_config("dino", steps=300, lr=2e-3), CPU)
+    at_init = trainer.evaluate()["val/knn_top1"]
+    trained = trainer.fit()["val/knn_top1"]
+    print(f"DINO k-NN top-1: {at_init:.3f} at initialisation, {trained:.3f} after 300 steps (chance {CHANCE:.3f})")
+    assert trained > CHANCE + 0.15
+    assert trained > at_init + 0.1
+
+
+def test_clip_zero_shot_top1_beats_chance() -> None:
+    torch.set_num_threads(1)
+    trainer = Trainer(_config("clip", steps=300, lr=2e-3), CPU)
+    trained = trainer.fit()
+    print(f"CLIP zero-shot top-1: {trained['val/zeroshot_top1']:.3f} after 300 steps (chance {CHANCE:.3f})")
+    assert trained[names.VAL_TOP1] == trained["val/zeroshot_top1"]
+    assert trained["val/zeroshot_top1"] > CHANCE + 0.25

@@ -1,0 +1,100 @@
+"""What every training objective gives the loop: its networks, a loss on a batch, its evaluation.
+
+The loop (trainers/loop.py) stays one loop whatever the objective: it asks the objective for
+parameter groups, calls `loss(batch, step)`, steps the optimizer between the two hooks, and
+calls `evaluate` and the probes on `probe_model`. Everything an objective keeps besides the
+backbone (teacher, heads, centres, text tower, temperature) goes through `state_dict`, as
+tensors, numbers, strings, lists and dicts only, so checkpoints load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterable, Iterator
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from trainers.config import TrainConfig
+from trainers.data.base import Batch, DataSource
+
+# Token parameters that get no weight decay, besides every 1-d parameter (norms, biases).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "positional_embedding", "token_embedding", "logit_scale", "mask")
+DECAY_KEY = "apply_weight_decay"  # marks the param groups whose weight decay a schedule may change
+
+
+def decay_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay for matrices, none for norms, biases, embeddings of tokens and positions."""
+    decay, no_decay = [], []
+    for name, param in named:
+        if not param.requires_grad:
+            continue  # e.g. the DINO head's frozen weight-norm gain
+        leaf = name.rsplit(".", 1)[-1]
+        skip = param.ndim <= 1 or leaf in NO_DECAY_NAMES or name in NO_DECAY_NAMES
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, DECAY_KEY: True},
+        {"params": no_decay, "weight_decay": 0.0, DECAY_KEY: False},
+    ]
+
+
+class Objective(ABC):
+    """One training objective. Subclasses build their networks in __init__."""
+
+    name: str
+    model: VisionTransformer  # the trained ViT: classifier, DINO student or CLIP image tower
+
+    def __init__(self, cfg: TrainConfig, data: DataSource, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+
+    # ---------------------------------------------------------------- networks
+
+    @abstractmethod
+    def trainable(self) -> nn.Module:
+        """Every module the optimizer trains (the model included)."""
+
+    @property
+    def probe_model(self) -> VisionTransformer:
+        """The network the artifact probes measure (DINO: the teacher, the network DINOv2 releases)."""
+        return self.model
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return decay_groups(self.trainable().named_parameters(), self.cfg.optim.weight_decay)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.trainable().parameters() if p.requires_grad)
+
+    def train(self) -> None:
+        self.trainable().train()
+
+    # ---------------------------------------------------------------- one step
+
+    @abstractmethod
+    def loss(self, batch: Batch, step: int) -> torch.Tensor:
+        """The loss of `step` on `batch` (a device scalar; the caller runs it under autocast)."""
+
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After backward, before the optimizer: schedules that act on gradients or groups."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After the optimizer: EMA teachers, clamps."""
+
+    def log_values(self) -> dict[str, float]:
+        """Loss terms and schedule values of the last step, read at log points (a host sync)."""
+        return {}
+
+    # ---------------------------------------------------------------- measuring
+
+    @abstractmethod
+    def evaluate(self, batch_size: int) -> dict[str, float]:
+        """Validation metrics by name (names.py); the caller sets no_grad and autocast."""
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint keeps besides the model: tensors, numbers, strings, lists, dicts."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
