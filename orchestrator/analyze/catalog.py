@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from orchestrator.stores.axes import AXIS_REGISTERS, AXIS_SEED, AXIS_SIZE, AXIS_STEPS  # noqa: F401 (the analysis's names)
 from trainers.config import MODEL_SIZES
 from trainers.probes import names
 
@@ -16,12 +17,6 @@ ANALYSIS_ROLE = "analysis"
 SWEEP_NAME_TAG = "sweep.name"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "trial_id"
-AXIS_SIZE, AXIS_REGISTERS, AXIS_STEPS, AXIS_SEED = (
-    "axis.model_size",
-    "axis.num_registers",
-    "axis.steps",
-    "axis.seed",
-)
 # Params that carry the same values, used when a trial lacks an axis tag (e.g. an axis that was not swept).
 AXIS_PARAM_FALLBACK = {
     AXIS_SIZE: "model.size",

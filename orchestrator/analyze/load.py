@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
+from orchestrator.stores.axes import AXIS_PREFIX, LEGACY_DUPLICATES, STUDY_AXES
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -251,9 +252,9 @@ def _dedupe_points(frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- which runs count
 
 
-# The sweep driver also tags every swept key by its config path (axis.model.size, ...): those
-# repeat the study axes; any other axis.* tag is a further swept key.
-_STUDY_AXES = (cat.AXIS_SIZE, cat.AXIS_REGISTERS, cat.AXIS_STEPS, cat.AXIS_SEED, "axis.model.size", "axis.model.num_registers")
+# Any axis.* tag besides the study axes is a further swept key (orchestrator/stores/axes.py);
+# runs of older stores repeat two study axes under their config paths, which are no further keys.
+_STUDY_AXES = (*STUDY_AXES.values(), *LEGACY_DUPLICATES)
 
 
 def _axis(run: _RawRun, tag: str) -> str | None:
@@ -277,7 +278,7 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         try:
             if size is None:
                 raise ValueError("model size")
-            other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith("axis.") and k not in _STUDY_AXES))
+            other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith(AXIS_PREFIX) and k not in _STUDY_AXES))
             trial = Trial(run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other)
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"

@@ -29,7 +29,6 @@ RUN_NAME_TAG = "mlflow.runName"
 FAILURE_TAG = "failure_reason"
 CHECKPOINT_TAG = "checkpoint_uri"
 RETRIES_TAG = "retries"  # how many times Tune restarted the trial from its last checkpoint
-AXIS_PREFIX = "axis."
 DIVERGED_PREFIX = "non-finite loss"
 
 
