@@ -41,6 +41,7 @@ class Trial:
     seed: str
     artifact_uri: str | None
     other_axes: tuple[tuple[str, str], ...] = ()  # further swept keys (e.g. axis.optim.lr), pooled by the analysis
+    launch_run_id: str = ""  # the parent run of the launch that ran the trial
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,10 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             if size is None:
                 raise ValueError("model size")
             other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith(AXIS_PREFIX) and k not in _STUDY_AXES))
-            trial = Trial(run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other)
+            trial = Trial(
+                run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
+                run.tags.get(cat.PARENT_TAG, ""),
+            )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes))
