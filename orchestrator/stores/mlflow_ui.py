@@ -4,7 +4,7 @@ MLflow 3.17's experiment page keeps its chosen columns in the browser (local sto
 the URL. What a URL can name is a saved view: an experiment tag
 `mlflow.sharedViewState.<key>` whose value is `{"name", "createdAt", "updatedAt", "state"}`,
 `state` being the JSON of the page's search facets and UI state (`selectedColumns`, ...), with
-columns named `tags.\\`axis.num_registers\\`` and `metrics.\\`val/top1\\``.
+columns named like tags.`axis.num_registers` and metrics.`val/top1`.
 `<ui>/#/experiments/<id>/runs?viewStateShareKey=<key>` opens it, and the page's view menu lists it
 by name. (Read from the UI bundle of mlflow 3.17; tests/test_mlflow_ui.py opens the link in a
 real browser.) The page ignores a saved view when the URL also carries search parameters
@@ -43,7 +43,7 @@ def save_runs_view(client: MlflowClient, experiment_id: str, swept: Iterable[str
     columns = view_columns(swept)
     # Each column wide enough for its header (the UI's default cuts 'axis.num_registers' short),
     # and the run name for a trial's name; widths apply to the columns named in columnOrder.
-    widths = {RUN_NAME_COLUMN: 260, **{column: max(90, 8 * len(column.split("`")[1]) + 24) for column in columns}}
+    widths = {RUN_NAME_COLUMN: 300, **{column: max(90, 7 * len(column.split("`")[1]) + 28) for column in columns}}
     state = {"selectedColumns": columns, "columnOrder": [RUN_NAME_COLUMN, *columns], "columnWidths": widths}
     now = int(time.time() * 1000)
     key = f"{VIEW_TAG_PREFIX}{VIEW_KEY}"
