@@ -87,8 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if outcome.results:
         print("\n" + "\n".join(outcome.results))
     print(f"\nAnalyse it:  {analysis_command(outcome)}")
-    print(ui_hint(outcome.tracking_uri))
+    print(ui_hint(outcome.tracking_uri, runs_view_link(outcome, list(spec.axes))))
     return 1 if outcome.errored else 0
+
+
+def runs_view_link(outcome: SweepOutcome, swept: list[str]) -> str | None:
+    """The UI link that shows the runs with the axes and key metrics as columns (it saves a view
+    on the experiment); None if that fails: a link is no reason to fail a finished sweep."""
+    from orchestrator.stores.mlflow_ui import runs_view_url
+
+    try:
+        return runs_view_url(outcome.tracking_uri, outcome.experiment_id, swept)
+    except Exception as error:  # the store went away, a server refused the tag, ...
+        print(f"note: could not save the MLflow runs view ({error.__class__.__name__})", file=sys.stderr)
+        return None
 
 
 def analysis_command(outcome: SweepOutcome) -> str:
@@ -99,10 +111,13 @@ def analysis_command(outcome: SweepOutcome) -> str:
     )
 
 
-def ui_hint(tracking_uri: str) -> str:
+def ui_hint(tracking_uri: str, link: str | None = None) -> str:
     if tracking_uri.startswith(("http://", "https://")):
-        return f"Open the MLflow UI at {tracking_uri}"
-    return f"Open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}   then browse http://127.0.0.1:5000"
+        return f"Open the runs in the MLflow UI: {link or tracking_uri}"
+    return (
+        f"Open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri}\n"
+        f"  then browse {link or 'http://127.0.0.1:5000'}"
+    )
 
 
 def exit_without_teardown(code: int) -> NoReturn:

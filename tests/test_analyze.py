@@ -116,6 +116,9 @@ def test_analysis_run_is_logged_in_the_experiment(planted):
     runs = client.search_runs([sweep.experiment_id], filter_string="tags.`sweep.role` = 'analysis'")
     assert [r.info.run_id for r in runs] == [result.analysis_run_id]
     run = runs[0]
+    # Named for the launch it analysed and nested under that launch's parent run, beside its trials.
+    assert run.info.run_name == "analysis launch"
+    assert run.data.tags["mlflow.parentRunId"] == sweep.parent_run_id
     assert run.data.metrics["recommended_num_registers"] == 4
     assert run.data.metrics["emergence/mini/steps_100/fraction"] == pytest.approx(0.4)
     assert run.data.params["threshold"] == "0.01"

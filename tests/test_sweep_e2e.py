@@ -28,6 +28,8 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
     assert len(finished) == 4 and all("registers=" in line and "steps=" in line for line in finished)
     assert "Val top-1 by model size, training length and registers" in done.stdout
     assert "python -m orchestrator.analyze --experiment e2e --parent-run" in done.stdout
+    assert "then browse http://127.0.0.1:5000/#/experiments/" in done.stdout
+    assert "?viewStateShareKey=sweep-axes-metrics" in done.stdout
     for noise in ("╭", "Configuration for experiment", "started with configuration", "Trial status"):
         assert noise not in done.stdout
     assert "WARNING" not in done.stderr and "INFO" not in done.stderr, done.stderr
@@ -50,6 +52,8 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["trial_id"] and tags["git_commit"]
         assert tags["axis.model_size"] == "micro" and tags["axis.seed"] == "0"
+        # One tag per axis: the swept model.num_registers and steps under their short names only.
+        assert {k for k in tags if k.startswith("axis.")} == {"axis.model_size", "axis.num_registers", "axis.steps", "axis.seed"}
         assert params["optim.lr"] == "0.002"
         seen.add((tags["axis.num_registers"], tags["axis.steps"]))
         steps = int(tags["axis.steps"])

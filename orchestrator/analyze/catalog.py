@@ -6,6 +6,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from orchestrator.stores.axes import (  # noqa: F401 (the analysis's names)
+    AXIS_OBJECTIVE,
+    AXIS_REGISTERS,
+    AXIS_SEED,
+    AXIS_SIZE,
+    AXIS_STEPS,
+)
 from trainers.config import MODEL_SIZES
 from trainers.probes import names
 
@@ -17,13 +24,6 @@ SWEEP_NAME_TAG = "sweep.name"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "trial_id"
 SPEC_FILE_TAG = "sweep.spec_file"  # on the parent run: the spec file the launch was started from
-AXIS_SIZE, AXIS_REGISTERS, AXIS_STEPS, AXIS_SEED, AXIS_OBJECTIVE = (
-    "axis.model_size",
-    "axis.num_registers",
-    "axis.steps",
-    "axis.seed",
-    "axis.objective",
-)
 # The class count of the data a trial trained on (chance = 1 / classes), tagged by the trainable.
 NUM_CLASSES_TAG = "data.num_classes"
 KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}

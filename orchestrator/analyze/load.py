@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
+from orchestrator.stores.axes import AXIS_PREFIX, LEGACY_DUPLICATES, STUDY_AXES
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -42,7 +43,7 @@ class Trial:
     other_axes: tuple[tuple[str, str], ...] = ()  # further swept keys (e.g. axis.optim.lr), pooled by the analysis
     objective: str = cat.DEFAULT_OBJECTIVE  # supervised | dino | clip: the analysis groups by it
     num_classes: int | None = None  # of the data it trained on; None when unknown
-    parent_run_id: str = ""  # the launch it belongs to
+    launch_run_id: str = ""  # the parent run of the launch that ran the trial
 
 
 @dataclass(frozen=True)
@@ -260,12 +261,9 @@ def _dedupe_points(frame: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- which runs count
 
 
-# The sweep driver also tags every swept key by its config path (axis.model.size, ...): those
-# repeat the study axes; any other axis.* tag is a further swept key.
-_STUDY_AXES = (
-    cat.AXIS_SIZE, cat.AXIS_REGISTERS, cat.AXIS_STEPS, cat.AXIS_SEED, cat.AXIS_OBJECTIVE,
-    "axis.model.size", "axis.model.num_registers",
-)
+# Any axis.* tag besides the study axes is a further swept key (orchestrator/stores/axes.py);
+# runs of older stores repeat two study axes under their config paths, which are no further keys.
+_STUDY_AXES = (*STUDY_AXES.values(), *LEGACY_DUPLICATES)
 
 
 def _axis(run: _RawRun, tag: str) -> str | None:
@@ -290,10 +288,10 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         try:
             if size is None:
                 raise ValueError("model size")
-            other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith("axis.") and k not in _STUDY_AXES))
+            other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith(AXIS_PREFIX) and k not in _STUDY_AXES))
             trial = Trial(
                 run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
-                objective=objective, num_classes=_num_classes(run), parent_run_id=run.tags.get(cat.PARENT_TAG, ""),
+                run.tags.get(cat.PARENT_TAG, ""), objective=objective, num_classes=_num_classes(run),
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"

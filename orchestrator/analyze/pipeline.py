@@ -151,7 +151,7 @@ def sweep_command(sweep: Sweep) -> str:
     launch recorded on its parent run, or a placeholder."""
     spec_files = set()
     client = MlflowClient(tracking_uri=sweep.tracking_uri)
-    for parent in {t.parent_run_id for t in sweep.trials if t.parent_run_id}:
+    for parent in {t.launch_run_id for t in sweep.trials if t.launch_run_id}:
         try:
             spec_files.add(client.get_run(parent).data.tags.get(cat.SPEC_FILE_TAG) or "SPEC")
         except Exception:  # a deleted parent run: advice only, never a failure

@@ -1,5 +1,13 @@
-"""Log an analysis back into the sweep's experiment as an `analysis` run: the report, tables
-and figures as artifacts, the key numbers as params and metrics."""
+"""Log an analysis back into the sweep's experiment: the report, tables and figures as
+artifacts, the key numbers as params and metrics.
+
+The run sits where its sweep is and says what it analysed: the analysis of one launch (the
+trials of one parent run, with `--parent-run` or because the experiment holds one launch) is
+nested under that parent run beside its trials and named `analysis <parent run name>`; an
+analysis that pools several launches is a top-level run named
+`analysis <experiment> (<n> launches)`. Its `sweep.role` tag is `analysis`, so it never counts
+as one of the launch's trials (orchestrator/stores/mlflow_runs.py child_runs).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from orchestrator.analyze import catalog as cat
+from orchestrator.analyze.load import Sweep
 from orchestrator.analyze.result import AnalysisResult
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -19,15 +28,25 @@ def _key(*parts: object) -> str:
     return "/".join(_UNSAFE.sub("_", str(p)) for p in parts)
 
 
+def analysis_run_place(client: MlflowClient, sweep: Sweep, parent_run: str | None) -> tuple[str, str | None]:
+    """(run name, parent run id or None) of the analysis of `sweep` (see the module docstring)."""
+    launches = {parent_run} if parent_run else {t.launch_run_id for t in sweep.trials if t.launch_run_id}
+    if len(launches) == 1:
+        (launch,) = launches
+        return f"analysis {client.get_run(launch).info.run_name or launch}", launch
+    return f"analysis {sweep.experiment_name} ({len(launches)} launches)", None
+
+
 def log_analysis_run(result: AnalysisResult) -> str:
     """Create the run, log everything, and return its id."""
     sweep, rec = result.sweep, result.recommendation
     client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    run_name, parent = analysis_run_place(client, sweep, result.parent_run)
     tags = {cat.ROLE_TAG: cat.ANALYSIS_ROLE, cat.SWEEP_NAME_TAG: sweep.experiment_name}
-    if result.parent_run:
-        # Not mlflow.parentRunId: the analysis must not count as one of the launch's trials.
-        tags["analysis.parent_run"] = result.parent_run
-    run = client.create_run(sweep.experiment_id, tags=tags, run_name="analysis")
+    if parent:
+        tags[cat.PARENT_TAG] = parent
+        tags["analysis.parent_run"] = parent
+    run = client.create_run(sweep.experiment_id, tags=tags, run_name=run_name)
     run_id = run.info.run_id
     params = {
         "threshold": f"{result.threshold:g}",
@@ -59,7 +78,7 @@ def log_analysis_run(result: AnalysisResult) -> str:
         run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         params=[Param(k, v) for k, v in params.items()],
-        tags=[RunTag("mlflow.note.content", f"Analysis of {sweep.experiment_name}: see report.md")],
+        tags=[RunTag("mlflow.note.content", f"{run_name} ({len(sweep.trials)} trials): see report.md")],
     )
     client.log_artifacts(run_id, str(result.out_dir))
     client.set_terminated(run_id, "FINISHED")

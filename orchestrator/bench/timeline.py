@@ -15,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.stores.mlflow_runs import PARENT_TAG, ROLE_TAG
+from orchestrator.stores.mlflow_runs import PARENT_TAG, ROLE_TAG, TRIAL_ROLE
 from trainers.probes import names
 
 
@@ -60,7 +60,7 @@ def sweep_timeline(tracking_uri: str, experiment: str, start: float, end: float,
         raise RuntimeError(f"no MLflow experiment {experiment!r} in {tracking_uri}: the sweep logged nothing")
     runs = client.search_runs([exp.experiment_id], max_results=10_000)
     parent = next(r for r in runs if r.data.tags.get(ROLE_TAG) == "parent")
-    trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id and r.data.tags.get(ROLE_TAG) == TRIAL_ROLE]
     spans = [(r.info.start_time / 1000, r.info.end_time / 1000) for r in trials if r.info.end_time]
     if not spans:
         raise RuntimeError(f"the sweep in {tracking_uri} has no finished trial runs")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -114,8 +115,22 @@ def init_ray(verbose: bool = False) -> bool:
     # A local Ray starts one idle worker per CPU for the driver's tasks. Tune's trial actors
     # carry their own runtime_env and never use those, so they only take CPU from the start-up.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    give_local_cluster_its_own_token()
     ray.init(include_dashboard=False, log_to_driver=verbose, **quiet)
     return True
+
+
+def give_local_cluster_its_own_token() -> None:
+    """Ray 2.60 starts an in-process cluster with token authentication on and, when no token is
+    set, writes one to ~/.ray/auth_token. That file outlives the sweep, and its mere presence
+    turns token auth on for every later `ray start` on the machine, whose `ray job submit` then
+    fails unless RAY_AUTH_MODE=token (README, "Try the cluster path locally"). The in-process
+    cluster lives and dies with this process, so it gets a random token in this process's
+    environment instead (Ray reads RAY_AUTH_TOKEN before the file; the raylet and the trial
+    workers inherit it): authentication stays on, and nothing is left on disk. A token the user
+    set (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is used as it is."""
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def find_launch(

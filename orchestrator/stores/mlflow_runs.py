@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 
 ROLE_TAG = "sweep.role"
+TRIAL_ROLE = "trial"
 SWEEP_TAG = "sweep.name"
 LAUNCH_TAG = "sweep.launch"
 SPEC_FILE_TAG = "sweep.spec_file"
@@ -30,7 +31,6 @@ RUN_NAME_TAG = "mlflow.runName"
 FAILURE_TAG = "failure_reason"
 CHECKPOINT_TAG = "checkpoint_uri"
 RETRIES_TAG = "retries"  # how many times Tune restarted the trial from its last checkpoint
-AXIS_PREFIX = "axis."
 DIVERGED_PREFIX = "non-finite loss"
 
 
@@ -66,13 +66,13 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every trial run of one launch (paged: a sweep may have thousands)."""
+    """Every trial run of one launch (paged: a sweep may have thousands). Only the trials: an
+    analysis of the launch is nested under its parent run too (orchestrator/analyze/publish.py)."""
     runs: list[Any] = []
     token = None
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = '{TRIAL_ROLE}'"
     while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000, page_token=token
-        )
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -127,7 +127,7 @@ class TrialRun:
             return cls(
                 client, run_id, status=run.info.status, tags=run.data.tags, logged_through=logged, reattached=True
             )
-        all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, ROLE_TAG: "trial"}
+        all_tags = {**tags, PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, ROLE_TAG: TRIAL_ROLE}
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
         return cls(client, run.info.run_id, tags=all_tags)

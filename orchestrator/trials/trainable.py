@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from ray import tune
 
 from orchestrator.spec.dotted import set_dotted
+from orchestrator.stores.axes import AXIS_OBJECTIVE, AXIS_REGISTERS, AXIS_SEED, AXIS_SIZE, AXIS_STEPS, axis_tag
 from orchestrator.trials.records import (
     RECORDS_KEY,
     RESTORED_TAG,
@@ -50,15 +51,16 @@ def trial_config(base: Mapping[str, Any], axes: Mapping[str, Any]) -> TrainConfi
 
 
 def axis_tags(cfg: TrainConfig, axes: Mapping[str, Any]) -> dict[str, str]:
-    """The study axes on every run (swept or not), plus every other swept key."""
-    tags = {f"axis.{path}": str(value) for path, value in axes.items()}
+    """One tag per axis: the four study axes on every run (swept or not, read from the config),
+    plus every other swept key by its path (orchestrator/stores/axes.py)."""
+    tags = {axis_tag(path): str(value) for path, value in axes.items()}
     tags.update(
         {
-            "axis.model_size": cfg.model.label,
-            "axis.num_registers": str(cfg.model.num_registers),
-            "axis.steps": str(cfg.steps),
-            "axis.seed": str(cfg.seed),
-            "axis.objective": cfg.objective,
+            AXIS_SIZE: cfg.model.label,
+            AXIS_REGISTERS: str(cfg.model.num_registers),
+            AXIS_STEPS: str(cfg.steps),
+            AXIS_SEED: str(cfg.seed),
+            AXIS_OBJECTIVE: cfg.objective,
         }
     )
     return tags

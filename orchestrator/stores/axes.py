@@ -1,0 +1,31 @@
+"""The axis tags of a trial run: one tag per swept key, and the four study axes on every run.
+
+The study axes keep short names (`axis.model_size`, `axis.num_registers`, `axis.steps`,
+`axis.seed`, `axis.objective`) whether they were swept or not; any other swept key is tagged by its config path
+(`axis.optim.lr`). Apart from orchestrator/stores/mlflow_runs.py because trial workers use it
+and must not import MLflow.
+"""
+
+from __future__ import annotations
+
+AXIS_PREFIX = "axis."
+AXIS_SIZE = "axis.model_size"
+AXIS_REGISTERS = "axis.num_registers"
+AXIS_STEPS = "axis.steps"
+AXIS_SEED = "axis.seed"
+AXIS_OBJECTIVE = "axis.objective"  # supervised | dino | clip
+# Config path -> the study axis's tag.
+STUDY_AXES = {
+    "model.size": AXIS_SIZE,
+    "model.num_registers": AXIS_REGISTERS,
+    "steps": AXIS_STEPS,
+    "seed": AXIS_SEED,
+    "objective": AXIS_OBJECTIVE,
+}
+# Runs written before one tag per axis also carry these path-named copies of two study axes.
+LEGACY_DUPLICATES = ("axis.model.size", "axis.model.num_registers")
+
+
+def axis_tag(path: str) -> str:
+    """The tag of a swept config path: 'model.num_registers' -> 'axis.num_registers', 'optim.lr' -> 'axis.optim.lr'."""
+    return STUDY_AXES.get(path, AXIS_PREFIX + path)
