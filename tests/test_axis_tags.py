@@ -1,4 +1,4 @@
-"""One MLflow tag per swept axis: short names for the four study axes, the config path for the rest."""
+"""One MLflow tag per swept axis: short names for the study axes, the config path for the rest."""
 
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ def test_each_axis_is_tagged_once() -> None:
         "axis.num_registers": "4",
         "axis.steps": "20",
         "axis.seed": "1",
+        "axis.objective": "supervised",
         "axis.optim.lr": "0.002",
     }
 
 
 def test_study_axes_are_tagged_when_not_swept() -> None:
     tags = axis_tags(trial_config(BASE, {"model.num_registers": 2}), {"model.num_registers": 2})
-    assert tags == {"axis.model_size": "micro", "axis.num_registers": "2", "axis.steps": "10", "axis.seed": "0"}
+    assert tags == {
+        "axis.model_size": "micro", "axis.num_registers": "2", "axis.steps": "10", "axis.seed": "0",
+        "axis.objective": "supervised",
+    }
 
 
 def raw_run(run_id: str, tags: dict[str, str]) -> _RawRun:

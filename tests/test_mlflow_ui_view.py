@@ -21,7 +21,7 @@ def test_link_names_a_saved_view_with_the_axes_and_key_metrics(tmp_path: Path) -
     assert envelope["name"] == VIEW_NAME and isinstance(envelope["createdAt"], int)
     state = json.loads(envelope["state"])
     assert state["selectedColumns"] == [
-        "tags.`axis.model_size`", "tags.`axis.num_registers`", "tags.`axis.steps`", "tags.`axis.seed`",
+        "tags.`axis.model_size`", "tags.`axis.num_registers`", "tags.`axis.steps`", "tags.`axis.seed`", "tags.`axis.objective`",
         "tags.`axis.optim.lr`",  # a swept key beyond the study axes; model.num_registers is not repeated
         "metrics.`val/top1`", "metrics.`train/loss`", "metrics.`probe/outlier_frac/output`", "metrics.`probe/seg_miou`",
     ]

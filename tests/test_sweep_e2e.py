@@ -53,7 +53,9 @@ def test_tiny_sweep_logs_one_child_run_per_trial(tmp_path) -> None:
         assert tags["trial_id"] and tags["git_commit"]
         assert tags["axis.model_size"] == "micro" and tags["axis.seed"] == "0"
         # One tag per axis: the swept model.num_registers and steps under their short names only.
-        assert {k for k in tags if k.startswith("axis.")} == {"axis.model_size", "axis.num_registers", "axis.steps", "axis.seed"}
+        study_axes = {"axis.model_size", "axis.num_registers", "axis.steps", "axis.seed", "axis.objective"}
+        assert {k for k in tags if k.startswith("axis.")} == study_axes
+        assert tags["axis.objective"] == "supervised"
         assert params["optim.lr"] == "0.002"
         seen.add((tags["axis.num_registers"], tags["axis.steps"]))
         steps = int(tags["axis.steps"])

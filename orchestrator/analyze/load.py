@@ -291,7 +291,7 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             other = tuple(sorted((k, v) for k, v in run.tags.items() if k.startswith(AXIS_PREFIX) and k not in _STUDY_AXES))
             trial = Trial(
                 run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
-                run.tags.get(cat.PARENT_TAG, ""), objective=objective, num_classes=_num_classes(run),
+                objective=objective, num_classes=_num_classes(run), launch_run_id=run.tags.get(cat.PARENT_TAG, ""),
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"

@@ -32,7 +32,7 @@ LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def view_columns(swept: Iterable[str] = (), metrics: Iterable[str] = KEY_METRICS) -> list[str]:
-    """Column ids of the view: the four study axes, any other swept config path, then the metrics."""
+    """Column ids of the view: the study axes, any other swept config path, then the metrics."""
     tags = list(STUDY_AXES.values())
     tags += [axis_tag(path) for path in swept if axis_tag(path) not in tags]
     return [f"tags.`{tag}`" for tag in tags] + [f"metrics.`{metric}`" for metric in metrics]
