@@ -208,6 +208,10 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 = at evals and the end")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    grad_checkpointing: bool = Field(
+        default=False,
+        description="recompute each block's activations in the backward pass (timm's set_grad_checkpointing): ViT-L and larger",
+    )
     seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

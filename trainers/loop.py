@@ -5,6 +5,13 @@ What the ViT learns from (labels, self-distillation, captions) is the objective'
 evaluation; this loop is the same for every objective. The loop is deterministic for a seed and resumes exactly: the batch for step s is a
 pure function of (seed, s) (see trainers/data/base.py) and a checkpoint holds the
 model, optimizer, schedule, every RNG state and the step.
+
+Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes that share
+an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
+up; this package never imports Ray). Every rank draws the same global batch for step s and
+trains its own contiguous 1/n of it; the gradients are averaged over the ranks before
+clipping, so the update equals one process's on the whole global batch. Rank 0 alone
+evaluates, probes and measures; the caller saves checkpoints from rank 0 and every rank loads.
 """
 
 from __future__ import annotations
@@ -47,16 +54,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def local_share(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank r's contiguous 1/world_size of a global batch (the ranks' shares are disjoint and cover it)."""
+    if world_size == 1:
+        return batch
+    size = len(batch)
+    if size % world_size:
+        raise ValueError(f"global batch {size} does not split evenly over {world_size} workers")
+    share = size // world_size
+    part = slice(rank * share, (rank + 1) * share)
+    masks = None if batch.masks is None else batch.masks[part]
+    captions = None if batch.captions is None else batch.captions[part]
+    return Batch(batch.images[part], batch.labels[part], masks, captions)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, device: torch.device | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device | None = None, *, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.cfg = cfg
         self.device = device or default_device()
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1:
+            if not torch.distributed.is_initialized():
+                raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+            if cfg.objective != "supervised":
+                # DINO's centre and CLIP's contrastive negatives are batch statistics: per rank
+                # they would differ from one process's, and the trajectory would no longer match.
+                raise ValueError(f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}")
+            if cfg.optim.batch_size % world_size:
+                raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must split evenly over {world_size} workers")
+        # Every rank seeds alike: the same initial weights everywhere, as DDP needs.
         seed_everything(cfg.seed)
         # DINO makes its own crops on the device: real images come without the random crop then.
         augment = cfg.objective != "dino"
         self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
         self.objective = build_objective(cfg, self.data, self.device)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -93,6 +129,8 @@ class Trainer:
             loss = self.objective.loss(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world_size > 1:
+            self._average_gradients()
         self.objective.before_optimizer_step(self.step, self.optimizer)
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.objective.parameters()), self.cfg.optim.grad_clip, foreach=True)
@@ -100,6 +138,25 @@ class Trainer:
         self.scheduler.step()
         self.objective.after_optimizer_step(self.step)
         return loss.detach()
+
+    def _average_gradients(self) -> None:
+        """DDP's gradient averaging, done once per step: every rank ends with the mean of the
+        ranks' gradients, i.e. the gradient of the mean loss over the global batch."""
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+    @staticmethod
+    def _first_bad_step_of_all(first_bad_step: torch.Tensor) -> torch.Tensor:
+        none = torch.iinfo(torch.long).max
+        step = torch.where(first_bad_step < 0, none, first_bad_step)
+        torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        return torch.where(step == none, -1, step)
 
     def fit(self, tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None) -> dict[str, float]:
         """Train from self.step to cfg.steps. Returns the last validation metrics.
@@ -109,13 +166,15 @@ class Trainer:
         reports to Tune there. Metrics go to the tracker as they are measured.
         """
         cfg, tracker = self.cfg, tracker or NullTracker()
+        if self.rank != 0:
+            tracker = NullTracker()  # rank 0 measures for all
         batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size)
         loss_sum = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0
         metrics: dict[str, float] = {}
         while self.step < cfg.steps:
-            loss = self.train_step(next(batches))
+            loss = self.train_step(local_share(next(batches), self.rank, self.world_size))
             # Remember the first non-finite step on the device; checked at the next log point.
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)
             # The step goes in as a Python scalar: torch.tensor(step, device=cuda) would be a
@@ -128,6 +187,12 @@ class Trainer:
 
             if self.step % cfg.log_every == 0 or done:
                 # The only host sync in the hot loop, once per log window.
+                if self.world_size > 1:
+                    # The logged loss is the global batch's mean, as in one process, and every
+                    # rank stops at the same first non-finite step (no rank left waiting in a collective).
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= self.world_size
+                    first_bad_step = self._first_bad_step_of_all(first_bad_step)
                 if int(first_bad_step) >= 0:
                     raise NonFiniteLossError(f"loss became non-finite at step {int(first_bad_step) + 1}")
                 tracker.log_metrics(
@@ -140,10 +205,10 @@ class Trainer:
                 )
                 loss_sum.zero_()
                 losses_in_window = 0
-            if self._due(cfg.probe.every, done and cfg.probe.at_end):
+            if self._due(cfg.probe.every, done and cfg.probe.at_end) and self.rank == 0:
                 self.probe(tracker, final=done)
             evaluate = self._due(cfg.eval_every, done)
-            if evaluate:
+            if evaluate and self.rank == 0:
                 metrics = self.evaluate()
                 tracker.log_metrics(metrics, self.step)
             if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done)):

@@ -19,17 +19,40 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator.launch.console import SweepConsole
 from orchestrator.launch.parent_run import abandon_launch, finish_launch
 from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
-from orchestrator.spec.plan import SweepPlan
+from orchestrator.spec.plan import SweepPlan, concurrency_cap
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.trials.checkpoint_pruner import CheckpointPruner
+from orchestrator.trials.distributed import run_distributed_trial, scaling
 from orchestrator.trials.grid_search import GridCellSearcher
 from orchestrator.trials.mlflow_logger import MlflowTrialLogger, SweepContext
 from orchestrator.trials.trainable import run_trial, trial_label
 
 
+DRIVER_MEMORY = 2**20  # bytes, Ray's memory resource
+
+
 def resourced_trainable(spec: SweepSpec) -> Any:
-    """run_trial with the spec's per-trial resources: the same for a fresh and a restored Tuner."""
-    return tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    """run_trial with the spec's per-trial resources: the same for a fresh and a restored Tuner.
+    With workers > 1 the trial is run_distributed_trial, a driver that holds no CPU or GPU of
+    its own: its TorchTrainer's workers ask for theirs (orchestrator/trials/distributed.py)."""
+    r = spec.resources
+    if not r.distributed:
+        return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
+    driver = tune.with_parameters(
+        run_distributed_trial, scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker)
+    )
+    # Tune refuses a trial without any resource: the driver asks for a token of memory, no CPU,
+    # so that a trial's workers fit where their CPUs alone fit.
+    return tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY})
+
+
+def max_concurrent_trials(spec: SweepSpec) -> int | None:
+    """The spec's max_concurrent; for multi-worker trials capped to what the cluster holds at once."""
+    if not spec.resources.distributed:
+        return spec.max_concurrent
+    import ray
+
+    return concurrency_cap(spec.resources, spec.max_concurrent, ray.cluster_resources())
 
 
 def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str, verbose: bool = False) -> tune.Tuner:
@@ -59,7 +82,7 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,
-        max_concurrent_trials=spec.max_concurrent,
+        max_concurrent_trials=max_concurrent_trials(spec),
         trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
         trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
         # A finished trial's worker runs the next trial (function trainables restart their

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.spec.schema import SweepSpec, describe_param
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.schema import Resources, SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.cost import objective_train_flops_per_image
@@ -33,7 +34,7 @@ class TrialPlan:
 class SweepPlan:
     spec: SweepSpec
     trials: list[TrialPlan]
-    cpu_per_trial: float
+    cpu_per_trial: float  # every worker of the trial together
     gpu_per_trial: float
     total_cpu: float  # every trial at once
     total_gpu: float
@@ -45,6 +46,46 @@ class SweepPlan:
         """Trials running at once when max_concurrent caps it; None when the cluster decides."""
         cap = self.spec.max_concurrent
         return None if cap is None else min(cap, len(self.trials))
+
+    @property
+    def workers(self) -> int:
+        return self.spec.resources.workers
+
+
+def concurrency_cap(resources: Resources, max_concurrent: int | None, cluster: dict[str, float]) -> int | None:
+    """max_concurrent_trials for the Tuner. A multi-worker trial's Tune driver holds no GPU:
+    its Ray Train workers ask for theirs only after Tune started it, so Tune alone would start
+    more trials than the cluster's GPUs (or CPUs) hold and the extra ones would wait forever
+    (ray#38505). The cap is what the cluster fits at once: GPUs // GPUs per trial (CPUs // CPUs
+    per trial for CPU trials), never above max_concurrent. One-process trials: max_concurrent as given."""
+    if not resources.distributed:
+        return max_concurrent
+    fits = []
+    for key, need in (("GPU", resources.gpu_per_trial), ("CPU", resources.cpu_per_trial)):
+        if need > 0:
+            fits.append(int(cluster.get(key, 0) // need))
+    fit = min(fits)
+    if fit < 1:
+        raise SpecError(
+            "resources",
+            f"one trial needs {resources.workers} workers: {resources.cpu_per_trial:g} CPU and"
+            f" {resources.gpu_per_trial:g} GPU, but the cluster has {cluster.get('CPU', 0):g} CPU and"
+            f" {cluster.get('GPU', 0):g} GPU",
+        )
+    return fit if max_concurrent is None else min(fit, max_concurrent)
+
+
+def check_workers(spec: SweepSpec, cfg: TrainConfig) -> None:
+    """What a multi-worker trial needs of its config (trainers/loop.py checks it again)."""
+    workers = spec.resources.workers
+    if workers == 1:
+        return
+    if cfg.objective != "supervised":
+        raise SpecError("resources.workers", f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}")
+    if cfg.optim.batch_size % workers:
+        raise SpecError(
+            "resources.workers", f"the global batch optim.batch_size {cfg.optim.batch_size} must split evenly over {workers} workers"
+        )
 
 
 def num_classes(data: DataConfig) -> int:
@@ -71,10 +112,11 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
     trials: list[TrialPlan] = []
     for assignment in spec.assignments():
         cfg = spec.trial_config(assignment)
+        check_workers(spec, cfg)
         flops = trial_flops(cfg)
         for _ in range(samples):
             trials.append(TrialPlan(index=len(trials), axes=dict(assignment), config=cfg, flops=flops))
-    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    cpu, gpu = spec.resources.cpu_per_trial, spec.resources.gpu_per_trial
     return SweepPlan(
         spec=spec,
         trials=trials,
@@ -156,6 +198,18 @@ def format_plan(plan: SweepPlan) -> str:
         f"Resources: {cpu} CPU, {gpu} GPU per trial; all {len(plan.trials)} at once:"
         f" {_number(plan.total_cpu)} CPU, {_number(plan.total_gpu)} GPU"
     )
+    r = spec.resources
+    if r.distributed:
+        batches = sorted({t.config.optim.batch_size for t in plan.trials})
+        batch = "/".join(str(b) for b in batches)
+        shares = "/".join(str(b // r.workers) for b in batches)
+        lines.append(
+            f"Workers: {r.workers} data-parallel workers per trial (Ray Train, DDP over"
+            f" {'NCCL' if r.gpu_per_worker else 'gloo'}), each {_number(r.cpu_per_worker)} CPU,"
+            f" {_number(r.gpu_per_worker)} GPU; global batch {batch} = {r.workers} x {shares} per worker;"
+            f" {_number(r.gpu_per_trial)} GPUs per trial"
+        )
+        lines.append("  (max_concurrent is capped at launch to what the cluster's GPUs and CPUs hold at once)")
     concurrent = plan.concurrent_trials
     if concurrent is None:
         lines.append("Concurrency: no max_concurrent; as many trials as the cluster's free resources fit")

@@ -129,8 +129,14 @@ class SchedulerConfig(Block):
 
 
 class Resources(Block):
+    """One process per trial (`cpu`, `gpu`; workers: 1), or `workers` data-parallel processes
+    per trial, each with `cpu_per_worker` and `gpu_per_worker` (Ray Train inside Tune)."""
+
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1, strict=True, description="data-parallel processes per trial")
+    cpu_per_worker: float = Field(default=1, gt=0)
+    gpu_per_worker: float = Field(default=0, ge=0)
 
     @field_validator("gpu")
     @classmethod
@@ -138,6 +144,37 @@ class Resources(Block):
         if gpu > 1 and gpu != int(gpu):
             raise ValueError("a trial can share one GPU (a fraction up to 1) or use whole GPUs; above 1 it must be an integer")
         return gpu
+
+    @field_validator("gpu_per_worker")
+    @classmethod
+    def _whole_gpus_per_worker(cls, gpu: float) -> float:
+        if gpu != int(gpu):
+            raise ValueError("each worker uses whole GPUs (NCCL cannot put two ranks on one GPU): 0, 1, 2, ...")
+        return gpu
+
+    @model_validator(mode="after")
+    def _one_way_to_ask(self) -> "Resources":
+        per_worker = {"cpu_per_worker", "gpu_per_worker"} & self.model_fields_set
+        per_process = {"cpu", "gpu"} & self.model_fields_set
+        if self.workers == 1 and per_worker:
+            raise ValueError(f"{', '.join(sorted(per_worker))} needs workers > 1; a one-process trial asks with cpu and gpu")
+        if self.workers > 1 and per_process:
+            raise ValueError(
+                f"with workers > 1 ask with cpu_per_worker and gpu_per_worker, not {' and '.join(sorted(per_process))}"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers > 1
+
+    @property
+    def cpu_per_trial(self) -> float:
+        return self.cpu_per_worker * self.workers if self.distributed else self.cpu
+
+    @property
+    def gpu_per_trial(self) -> float:
+        return self.gpu_per_worker * self.workers if self.distributed else self.gpu
 
 
 class MlflowConfig(Block):

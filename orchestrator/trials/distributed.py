@@ -1,0 +1,122 @@
+"""Trials that span processes, GPUs and nodes: Ray Train inside Tune (resources.workers > 1).
+
+The pattern of Ray's guide for the pinned Ray (2.60, Train V2, on by default): the Tune trial
+is a small driver, `run_distributed_trial`, that builds a TorchTrainer with a ScalingConfig
+and calls fit. TorchTrainer starts `workers` actors, sets up torch.distributed in them (NCCL
+on GPUs, gloo on CPU) and runs `train_worker` in each. Ray's TuneReportCallback passes rank
+0's reports on to the Tune trial, so the driver's MlflowTrialLogger sees them as it sees a
+one-process trial's: the records ride with every report (orchestrator/trials/records.py) and
+land in the trial's one MLflow run. Rank 0 writes the checkpoints; Ray Train keeps them under
+the trial's directory in the sweep's storage, in a Train run named TRAIN_RUN_NAME.
+
+Failures: the Train run itself does not retry (max_failures 0). A killed worker fails the
+TorchTrainer, so the Tune trial fails and Tune retries it as it retries any trial (the
+spec's max_failures, the same MLflow run). The retry's TorchTrainer finds the Train run's
+checkpoint list in the trial directory (Ray Train's restoration by run name and storage
+path) and every rank restores the latest checkpoint: the same as a resumed sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.trials.records import RECORDS_KEY, RESTORED_TAG, WORKER_HOST_TAG, WORKER_PID_TAG, RecordBuffer
+
+TRAIN_RUN_NAME = "train"  # the Ray Train run's directory inside the Tune trial's directory
+
+
+def scaling(workers: int, cpu_per_worker: float, gpu_per_worker: float) -> dict[str, Any]:
+    """The ScalingConfig's arguments, plain values (they travel through tune.with_parameters)."""
+    resources = {"CPU": cpu_per_worker}
+    if gpu_per_worker:
+        resources["GPU"] = gpu_per_worker
+    return {"num_workers": workers, "use_gpu": gpu_per_worker > 0, "resources_per_worker": resources}
+
+
+def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]) -> None:
+    """The Tune trial's driver: one TorchTrainer.fit per attempt."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train._internal.session import get_session
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.trials.trainable import DIVERGED_KEY
+
+    diverged = config["trial"].get(DIVERGED_KEY)
+    if diverged:
+        from trainers.loop import NonFiniteLossError
+
+        raise NonFiniteLossError(f"{diverged} (in an earlier attempt; not trained again)")
+    storage = get_session().storage  # the Tune trial's directory, local or s3://
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(**scaling_config),
+        run_config=RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=storage.trial_fs_path,
+            storage_filesystem=storage.storage_filesystem,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One data-parallel rank. torch.distributed is already set up by TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    from orchestrator.trials.trainable import NUM_CLASSES_TAG, REPORTED_METRICS_FILE, trial_config
+    from trainers.loop import Trainer
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = trial_config(config["train"], config["trial"]["axes"])
+    records = RecordBuffer()
+    if rank == 0:
+        records.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
+    trainer = Trainer(cfg, ray.train.torch.get_device(), rank=rank, world_size=world_size)
+    if rank == 0:
+        records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
+
+    def report(metrics: dict[str, Any], step: int, directory: str | None) -> None:
+        # Every rank reports (Ray Train waits for all); rank 0's report, with its checkpoint
+        # and records, is the one TuneReportCallback passes to the Tune trial.
+        if rank != 0:
+            ray.train.report({"step": step})
+            return
+        report = {**metrics, "step": step, RECORDS_KEY: records.take()}
+        checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load(directory)  # every rank restores the same state
+            reported = Path(directory, REPORTED_METRICS_FILE)
+            last_metrics = json.loads(reported.read_text()) if reported.exists() else {}
+        if rank == 0:
+            records.set_tags({RESTORED_TAG: str(trainer.step)})
+        if trainer.step >= cfg.steps:
+            # Finished before the sweep's driver recorded it: report the result again.
+            report(last_metrics, trainer.step, None)
+            return
+
+    def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        if rank != 0:
+            report(metrics, step, None)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            trainer.save(directory)
+            Path(directory, REPORTED_METRICS_FILE).write_text(json.dumps(metrics))
+            report(metrics, step, directory)
+
+    trainer.fit(records, on_checkpoint)
