@@ -9,8 +9,9 @@ model, optimizer, schedule, every RNG state and the step.
 Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes that share
 an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
 up; this package never imports Ray). Every rank draws the same global batch for step s and
-trains its own contiguous 1/n of it; the gradients are averaged over the ranks before
-clipping, so the update equals one process's on the whole global batch. Rank 0 alone
+trains its own contiguous 1/n of it through PyTorch DDP, which averages the gradients over
+the ranks before clipping: with equal shares that is the gradient of the mean loss over the
+global batch, so the update equals one process's on the whole global batch. Rank 0 alone
 evaluates, probes and measures; the caller saves checkpoints from rank 0 and every rank loads.
 """
 
@@ -93,6 +94,16 @@ class Trainer:
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if world_size > 1:
+            # PyTorch DDP: the supervised objective's forward runs through the wrapper, whose
+            # backward averages the gradients over the ranks (in buckets, overlapped with the
+            # backward pass). self.model stays the bare ViT: checkpoints, evaluation and probes
+            # see the same module and state_dict keys as in one process.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
+            ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self.objective.forward = torch.compile(ddp) if cfg.compile else ddp
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -128,9 +139,7 @@ class Trainer:
         with self._autocast():
             loss = self.objective.loss(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world_size > 1:
-            self._average_gradients()
+        loss.backward()  # under DDP every rank now holds the gradients averaged over the ranks
         self.objective.before_optimizer_step(self.step, self.optimizer)
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.objective.parameters()), self.cfg.optim.grad_clip, foreach=True)
@@ -138,18 +147,6 @@ class Trainer:
         self.scheduler.step()
         self.objective.after_optimizer_step(self.step)
         return loss.detach()
-
-    def _average_gradients(self) -> None:
-        """DDP's gradient averaging, done once per step: every rank ends with the mean of the
-        ranks' gradients, i.e. the gradient of the mean loss over the global batch."""
-        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
-        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(averaged)
 
     @staticmethod
     def _first_bad_step_of_all(first_bad_step: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""Trials that span processes: resources.workers > 1 runs a Ray Train TorchTrainer per Tune
+trial (DDP over gloo on CPU here). The fast tests cover the spec, the plan, the concurrency cap,
+the batch split and grad checkpointing; the slow ones run real sweeps: a 2-worker trial follows
+the one-process loss trajectory, and a killed worker resumes in the same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from crash_helpers import (
+    descendants,
+    expected_steps,
+    output,
+    start_sweep_cli,
+    store_client,
+    train_loss_steps,
+    trial_runs,
+    wait_for_store,
+)
+from orchestrator.spec.errors import SpecError
+from orchestrator.spec.plan import concurrency_cap, format_plan, make_plan
+from orchestrator.spec.schema import Resources, SweepSpec
+from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
+from trainers.config import TrainConfig
+from trainers.data.base import Batch
+from trainers.loop import Trainer, local_share
+from trainers.probes import names
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ the spec and the plan, fast
+
+
+def spec_with(tmp_path: Path, resources: dict[str, Any], **train: Any) -> SweepSpec:
+    spec = tiny_spec(tmp_path, resources=resources)
+    spec["train"].update(train)
+    return SweepSpec.model_validate(spec)
+
+
+def test_resources_default_to_one_process_and_take_workers(tmp_path: Path) -> None:
+    one = spec_with(tmp_path, {"cpu": 2, "gpu": 1}).resources
+    assert (one.workers, one.distributed, one.cpu_per_trial, one.gpu_per_trial) == (1, False, 2, 1)
+    many = Resources(workers=8, gpu_per_worker=1, cpu_per_worker=10)
+    assert (many.distributed, many.cpu_per_trial, many.gpu_per_trial) == (True, 80, 8)
+
+
+@pytest.mark.parametrize(
+    ("resources", "says"),
+    [
+        ({"workers": 2, "cpu": 2}, "cpu_per_worker"),  # per-process keys with workers
+        ({"workers": 2, "gpu": 1, "gpu_per_worker": 1}, "not gpu"),
+        ({"cpu_per_worker": 2}, "needs workers > 1"),  # per-worker keys without workers
+        ({"workers": 2, "gpu_per_worker": 0.5}, "whole GPUs"),  # NCCL: one GPU per rank at most
+        ({"workers": 0}, "greater than or equal to 1"),
+        ({"workers": 2.5}, "integer"),
+    ],
+)
+def test_resources_refuse_mixed_or_shared_asks(tmp_path: Path, resources: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        spec_with(tmp_path, resources)
+
+
+def test_plan_refuses_what_workers_cannot_train(tmp_path: Path) -> None:
+    workers = {"workers": 3, "cpu_per_worker": 1}
+    with pytest.raises(SpecError, match="split evenly over 3 workers"):
+        make_plan(spec_with(tmp_path, workers))  # batch 8
+    with pytest.raises(SpecError, match="objective 'supervised' only, not 'dino'"):
+        make_plan(spec_with(tmp_path, {"workers": 2}, objective="dino"))
+
+
+def test_plan_shows_workers_global_batch_and_gpus_per_trial(tmp_path: Path) -> None:
+    plan = make_plan(spec_with(tmp_path, {"workers": 4, "gpu_per_worker": 1, "cpu_per_worker": 8}))
+    assert (plan.cpu_per_trial, plan.gpu_per_trial, plan.total_gpu) == (32, 4, 8)  # 2 trials
+    text = format_plan(plan)
+    assert "Resources: 32 CPU, 4 GPU per trial; all 2 at once: 64 CPU, 8 GPU" in text
+    assert (
+        "Workers: 4 data-parallel workers per trial (Ray Train, DDP over NCCL), each 8 CPU, 1 GPU;"
+        " global batch 8 = 4 x 2 per worker; 4 GPUs per trial"
+    ) in text
+    one = format_plan(make_plan(spec_with(tmp_path, {"cpu": 1})))
+    assert "Workers:" not in one and "Resources: 1 CPU, 0 GPU per trial" in one
+
+
+def test_concurrency_cap_fits_the_cluster() -> None:
+    eight = {"CPU": 96, "GPU": 8}
+    four_gpus = Resources(workers=4, gpu_per_worker=1, cpu_per_worker=8)
+    assert concurrency_cap(four_gpus, None, eight) == 2  # GPUs // GPUs per trial
+    assert concurrency_cap(four_gpus, 1, eight) == 1  # never above max_concurrent
+    assert concurrency_cap(Resources(workers=2, cpu_per_worker=1), 5, {"CPU": 4}) == 2  # CPU trials: CPUs
+    assert concurrency_cap(Resources(cpu=1), None, {"CPU": 4}) is None  # one process: Tune decides, as before
+    with pytest.raises(SpecError, match="needs 16 workers"):
+        concurrency_cap(Resources(workers=16, gpu_per_worker=1), None, eight)
+
+
+def test_cpu_bound_worker_cap_counts_cpus() -> None:
+    # 4 workers x 30 CPU = 120 CPU per trial does not fit 96 CPUs even though 8 GPUs would hold 2.
+    with pytest.raises(SpecError, match="120 CPU"):
+        concurrency_cap(Resources(workers=4, gpu_per_worker=1, cpu_per_worker=30), None, {"CPU": 96, "GPU": 8})
+
+
+# ------------------------------------------------------------------ the trainer's side, fast
+
+
+def test_ranks_train_disjoint_shares_that_cover_the_global_batch() -> None:
+    batch = Batch(torch.arange(8.0).view(8, 1, 1, 1), torch.arange(8), captions=[str(i) for i in range(8)])
+    shares = [local_share(batch, rank, 4) for rank in range(4)]
+    assert torch.equal(torch.cat([s.labels for s in shares]), batch.labels)
+    assert [s.captions for s in shares][1] == ["2", "3"]
+    assert local_share(batch, 0, 1) is batch
+    with pytest.raises(ValueError, match="split evenly"):
+        local_share(batch, 0, 3)
+
+
+def tiny_config(**overrides: Any) -> TrainConfig:
+    train = tiny_spec(Path("."))["train"]
+    train.update(overrides)
+    return TrainConfig.model_validate(train)
+
+
+def test_grad_checkpointing_is_on_and_changes_no_number() -> None:
+    plain, checkpointed = Trainer(tiny_config(), CPU), Trainer(tiny_config(grad_checkpointing=True), CPU)
+    assert checkpointed.model.grad_checkpointing and not plain.model.grad_checkpointing
+    batch = next(plain.data.train_batches(0, 8))
+    for _ in range(2):  # recomputing activations in the backward pass gives the same gradients
+        assert torch.allclose(plain.train_step(batch), checkpointed.train_step(batch), atol=1e-6)
+    for a, b in zip(plain.model.parameters(), checkpointed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_world_size_above_one_needs_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="process group"):
+        Trainer(tiny_config(), CPU, rank=0, world_size=2)
+
+
+# ------------------------------------------------------------------ real sweeps, slow
+
+STEPS, LOG_EVERY, EVAL_EVERY = 40, 5, 10
+
+
+class Losses:
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if names.TRAIN_LOSS in metrics:
+            self.by_step[step] = metrics[names.TRAIN_LOSS]
+
+    def log_files(self, files: Any, artifact_dir: str) -> None:
+        pass
+
+
+def two_worker_spec(tmp_path: Path, name: str, steps: int = STEPS) -> dict[str, Any]:
+    spec = tiny_spec(tmp_path, name=name, max_failures=1, resources={"workers": 2, "cpu_per_worker": 1})
+    spec["train"].update(steps=steps, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
+    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    spec["grid"] = {}
+    return spec
+
+
+def one_process_losses(spec: dict[str, Any]) -> dict[int, float]:
+    """The one-process trial at the same global batch (optim.batch_size 8): Trainer.fit in this process."""
+    losses = Losses()
+    Trainer(TrainConfig.model_validate(spec["train"]), CPU).fit(losses)
+    return losses.by_step
+
+
+def logged_losses(client: Any, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, names.TRAIN_LOSS)}
+
+
+def assert_same_trajectory(logged: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(logged) == sorted(reference)
+    for step, loss in reference.items():
+        assert logged[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, logged, reference)
+
+
+@pytest.mark.slow
+def test_two_workers_follow_the_one_process_loss_trajectory(tmp_path: Path) -> None:
+    spec = two_worker_spec(tmp_path, "ddp")
+    done = run_sweep_cli(tmp_path, str(write_spec(tmp_path, spec)), timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    client = store_client(tmp_path)
+    (run,) = trial_runs(client, "ddp")  # one MLflow run for the trial, written from rank 0's reports
+    assert run.info.status == "FINISHED"
+    assert_same_trajectory(logged_losses(client, run.info.run_id), one_process_losses(spec))
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)]
+    assert val_steps == expected_steps(EVAL_EVERY, STEPS)  # rank 0 evaluates, once per eval point
+    # Rank 0 wrote the checkpoints, into the Ray Train run inside the Tune trial's directory.
+    (trial_dir,) = (tmp_path / "ray_results" / "ddp").glob("trial_0000_*")
+    assert sorted(p.name for p in (trial_dir / "train").glob("checkpoint_0*")) == [
+        "checkpoint_000000030", "checkpoint_000000040"  # Ray Train keeps the newest 2
+    ]
+
+
+KILL_STEPS = 120
+
+
+def mid_way(client: Any) -> Any:
+    for run in trial_runs(client, "ddpkill"):
+        if run.info.status == "RUNNING" and "worker.pid" in run.data.tags:
+            logged = len(train_loss_steps(client, run.info.run_id))
+            if 2 * EVAL_EVERY // LOG_EVERY <= logged < KILL_STEPS // LOG_EVERY - 4:
+                return run
+    return None
+
+
+@pytest.fixture(scope="module")
+def killed_sweep(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    tmp_path = tmp_path_factory.mktemp("ddpkill")
+    spec = two_worker_spec(tmp_path, "ddpkill", steps=KILL_STEPS)
+    sweep = start_sweep_cli(tmp_path, str(write_spec(tmp_path, spec)))
+    victim = wait_for_store(tmp_path, sweep, mid_way)
+    rank0 = int(victim.data.tags["worker.pid"])
+    # Only this sweep's own Ray workers (its descendants): rank 1, the one that is not rank 0.
+    workers = {pid for pid, args in descendants(sweep.pid).items() if args.startswith("ray::RayTrainWorker")}
+    assert rank0 in workers and len(workers) == 2, (rank0, workers)
+    (rank1,) = workers - {rank0}
+    os.kill(rank1, signal.SIGKILL)  # as the OOM killer or a lost node would
+    killed_at = train_loss_steps(store_client(tmp_path), victim.info.run_id)
+    returncode = sweep.wait(timeout=300)
+    return SimpleNamespace(
+        tmp_path=tmp_path, spec=spec, returncode=returncode, text=output(tmp_path),
+        client=store_client(tmp_path), victim=victim, rank0=rank0, killed_at=killed_at,
+    )
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(killed_sweep: SimpleNamespace) -> None:
+    assert killed_sweep.returncode == 0, killed_sweep.text[-4000:]
+    client = killed_sweep.client
+    (run,) = trial_runs(client, "ddpkill")
+    assert run.info.run_id == killed_sweep.victim.info.run_id and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["retries"] == "1" and "failure_reason" not in tags
+    assert int(tags["worker.pid"]) != killed_sweep.rank0  # a new worker group
+    restored = int(tags["restored_from_step"])
+    assert 0 < restored <= killed_sweep.killed_at[-1] and restored % EVAL_EVERY == 0
+    # Every rank restored the same state, and the batches are step-addressed: the resumed
+    # trial's losses are those of one uninterrupted process.
+    assert_same_trajectory(logged_losses(client, run.info.run_id), one_process_losses(killed_sweep.spec))
