@@ -249,3 +249,15 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(killed_sweep:
     # order than one process: about 1e-6 apart at step 20, the trajectories drift to about
     # 2e-5 by step 65 of 120 (measured), hence the wider tolerance than the 40-step test's.
     assert_same_trajectory(logged_losses(client, run.info.run_id), one_process_losses(killed_sweep.spec), rel=1e-3)
+
+
+def test_diverged_multi_worker_trial_is_not_trained_again() -> None:
+    from orchestrator.trials.distributed import run_distributed_trial, scaling
+    from orchestrator.trials.trainable import DIVERGED_KEY
+    from trainers.loop import NonFiniteLossError
+
+    config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {}, DIVERGED_KEY: "at step 3"}}
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 \(in an earlier attempt; not trained again\)"):
+        run_distributed_trial(config, scaling(2, 1, 0))  # before any TorchTrainer or Ray session
+    assert scaling(8, 10, 1) == {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 10, "GPU": 1}}
+    assert scaling(2, 1, 0)["resources_per_worker"] == {"CPU": 1}
