@@ -79,14 +79,14 @@ class ModelConfig(Strict):
 # Data sets whose training images come with captions (the CLIP objective needs them) and
 # those whose training images come with class labels (the supervised objective needs them).
 CAPTIONED_DATA = ("shapes", "webdataset", "csv")
-LABELLED_DATA = ("shapes", "cifar10", "cifar100", "imagefolder")
+LABELLED_DATA = ("shapes", "cifar10", "cifar100", "imagefolder", "shards")
 
 
 class DataConfig(Strict):
-    name: Literal["shapes", "cifar10", "cifar100", "imagefolder", "webdataset", "csv"] = "shapes"
+    name: Literal["shapes", "cifar10", "cifar100", "imagefolder", "shards", "webdataset", "csv"] = "shapes"
     root: str | None = Field(
         default=None,
-        description="real data: a directory (webdataset: of *.tar shards), a CSV file (csv) or s3://; ${ENV_VAR} is expanded",
+        description="real data: a directory (webdataset: of *.tar shards; shards: as `python -m trainers.data.shards write` lays them out), a CSV file (csv) or s3://; ${ENV_VAR} is expanded",
     )
     val_root: str | None = Field(
         default=None,
@@ -97,6 +97,11 @@ class DataConfig(Strict):
     train_size: int = Field(default=8192, gt=0, description="shapes: distinct training images before they repeat")
     val_size: int = Field(default=512, gt=0)
     num_workers: int = Field(default=2, ge=0, description="DataLoader workers for real data")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="shards: where JPEGs are decoded and cropped; gpu = batched torchvision decode_jpeg on the "
+        "trainer's device (nvJPEG), cpu = in the DataLoader workers; auto = gpu on CUDA",
+    )
 
 
 class OptimConfig(Strict):

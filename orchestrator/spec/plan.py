@@ -16,7 +16,7 @@ from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.cost import objective_train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000, "shards": 1000}
 # Searched keys under these prefixes change a trial's cost, so the estimate holds for the base value only.
 COST_KEYS = ("steps", "optim.batch_size", "model.", "data.num_classes")
 
@@ -52,7 +52,7 @@ def num_classes(data: DataConfig) -> int:
     image-text data trains no classifier."""
     if data.name in ("webdataset", "csv"):
         return 0
-    if data.name == "shapes" or (data.name == "imagefolder" and "num_classes" in data.model_fields_set):
+    if data.name == "shapes" or (data.name in ("imagefolder", "shards") and "num_classes" in data.model_fields_set):
         return data.num_classes
     return DATASET_CLASSES[data.name]
 
