@@ -32,7 +32,7 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -256,25 +256,24 @@ def eval_view(image: torch.Tensor, img_size: int) -> torch.Tensor:
     return out[:, top : top + img_size, left : left + img_size]
 
 
-def views(images: Iterable[torch.Tensor], seeds: Sequence[int], img_size: int, train: bool) -> torch.Tensor:
-    """uint8 [B, 3, img_size, img_size] of decoded images, on their device."""
-    out = [train_view(i, s, img_size) if train else eval_view(i, img_size) for i, s in zip(images, seeds)]
-    return torch.stack(out)
+def view(image: torch.Tensor, seed: int | None, img_size: int) -> torch.Tensor:
+    """The training view under `seed`, or the evaluation view where seed is None."""
+    return eval_view(image, img_size) if seed is None else train_view(image, seed, img_size)
 
 
 @dataclass
 class EncodedBatch:
-    """What the loader hands over when decoding happens on the device: JPEG bytes, one seed each."""
+    """What the loader hands over when decoding happens on the device: JPEG bytes, and per image
+    its augmentation seed (None: the evaluation view)."""
 
     data: list[torch.Tensor]
-    seeds: list[int]
-    train: bool
+    seeds: list[int | None]
 
     def pin_memory(self) -> "EncodedBatch":
         return self  # decode_jpeg copies the bytes itself
 
     def decode(self, device: torch.device, img_size: int) -> torch.Tensor:
-        return views(decode(self.data, device), self.seeds, img_size, self.train)
+        return torch.stack([view(i, s, img_size) for i, s in zip(decode(self.data, device), self.seeds)])
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -284,7 +283,7 @@ class ShardImages(Dataset[Any]):
     """Labelled samples of one split, indexed by (index, augmentation seed) as real.SeededSamples.
 
     decode_on_device=False: returns (uint8 [3, S, S] view, label), decoded in the worker.
-    decode_on_device=True: returns (JPEG bytes, label, seed); collate() makes an EncodedBatch."""
+    decode_on_device=True: returns (JPEG bytes, label, seed or None); collate() makes an EncodedBatch."""
 
     def __init__(self, shards: LocalShards | S3Shards, *, img_size: int, train: bool, decode_on_device: bool) -> None:
         self.shards, self.img_size, self.train, self.decode_on_device = shards, img_size, train, decode_on_device
@@ -306,17 +305,18 @@ class ShardImages(Dataset[Any]):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         data, label = self.encoded(index)
+        sample_seed = seed if self.train else None
         if self.decode_on_device:
-            return data, label, seed
-        image = decode([data], torch.device("cpu"))[0]
-        view = train_view(image, seed, self.img_size) if self.train else eval_view(image, self.img_size)
-        return view, label
+            return data, label, sample_seed
+        return view(decode([data], torch.device("cpu"))[0], sample_seed, self.img_size), label
 
-    def collate(self, samples: list[Any]) -> Any:
-        labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-        if self.decode_on_device:
-            return EncodedBatch([s[0] for s in samples], [s[2] for s in samples], self.train), labels
-        return torch.stack([s[0] for s in samples]), labels
+
+def collate(samples: list[Any]) -> Any:
+    """(uint8 images or EncodedBatch, int64 labels) from ShardImages samples of either kind."""
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    if len(samples[0]) == 3:
+        return EncodedBatch([s[0] for s in samples], [s[2] for s in samples]), labels
+    return torch.stack([s[0] for s in samples]), labels
 
 
 def build_shards(
@@ -336,7 +336,7 @@ def build_shards(
     return RealSource(
         train, val, num_classes=len(classes["classes"]), seed=seed, device=device, num_workers=num_workers,
         class_names=classes.get("names") or classes["classes"], reference=reference, stats=IMAGENET_STATS,
-        seeded=False, collate=train.collate, img_size=img_size,
+        seeded=False, collate=collate, img_size=img_size,
     )
 
 
