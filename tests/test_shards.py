@@ -206,3 +206,11 @@ def test_bench_data_prints_both_rates_and_one_json_line(capsys) -> None:
     assert result["pipeline_imgs_per_s"] > 0 and result["trainer_imgs_per_s"] > 0
     assert result["input_bound"] == (result["pipeline_imgs_per_s"] < result["trainer_imgs_per_s"])
     assert any(line.startswith("pipeline") for line in lines) and any(line.startswith("trainer") for line in lines)
+
+
+def test_the_plan_says_how_shards_are_read_and_what_resume_guarantees() -> None:
+    from orchestrator.spec.plan import describe_data
+
+    line = describe_data(DataConfig(name="shards", root="s3://bucket/in1k"))
+    assert "ranged GETs, no copy" in line and "resume exact" in line
+    assert "synced once" in describe_data(DataConfig(name="imagefolder", root="s3://bucket/in1k"))

@@ -57,6 +57,25 @@ def num_classes(data: DataConfig) -> int:
     return DATASET_CLASSES[data.name]
 
 
+def describe_data(data: DataConfig) -> str:
+    """How a trial reads its data and what a resume gets: one plan line."""
+    if data.name == "shapes":
+        how = "generated on the device"
+    elif data.name == "shards":
+        where = "by ranged GETs, no copy on the node" if (data.root or "").startswith("s3://") else "in place"
+        decode = {
+            "auto": "on the GPU where the trial has one, else in DataLoader workers",
+            "gpu": "on the trial's device",
+            "cpu": "in DataLoader workers",
+        }[data.decode]
+        how = f"shards {data.root} read {where}; JPEGs decoded {decode}"
+    else:
+        copy = "; s3:// synced once to each node's cache" if (data.root or "").startswith("s3://") else ""
+        how = f"{data.name} {data.root}{copy}"
+    # Every source reads by (seed, step) (trainers/data/base.py): no source streams in file order.
+    return f"Data: {how}; resume exact (the batch of step s depends only on seed and s)"
+
+
 def tokens_per_image(model: ModelConfig) -> int:
     """Sequence length: patches + [CLS] + registers."""
     return model.num_patches + 1 + model.num_registers
@@ -174,6 +193,7 @@ def format_plan(plan: SweepPlan) -> str:
         lines.append(f"  (extra passes counted: {'; '.join(passes[o] for o in objectives)})")
     if any(k == c or k.startswith(c) for k in plan.searched for c in COST_KEYS):
         lines.append("  (searched keys change the cost; the estimate uses the base train values)")
+    lines += sorted({describe_data(t.config.data) for t in plan.trials})
     lines.append(f"Retries: up to {spec.max_failures} per failed trial")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     where = uri if uri else f"{DEFAULT_TRACKING_URI} (MLFLOW_TRACKING_URI not set; file in the current directory)"
