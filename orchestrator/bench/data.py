@@ -24,6 +24,13 @@ from orchestrator.bench.devices import device_name, synchronize
 from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 
 
+DECODE_TEXT = {
+    "cpu": "in the workers (torchvision decode_jpeg)",
+    "gpu": "on the device (batched decode_jpeg)",
+    "pil": "in the workers (PIL)",
+}
+
+
 @dataclass(frozen=True)
 class DataBenchSettings:
     data: str  # shards | imagefolder
@@ -132,6 +139,8 @@ def run_data_bench(settings: DataBenchSettings, device: torch.device) -> dict[st
         pipeline = pipeline_throughput(cfg, device, settings.steps, settings.warmup)
         trainer = trainer_throughput(cfg, device, settings.steps, settings.warmup)
     decode = settings.decode if settings.decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    if settings.data == "imagefolder":
+        decode = "pil"  # PIL decode and transforms in the workers; shards decode with torchvision
     return {
         "benchmark": "data",
         "device": device_name(device),
@@ -152,7 +161,8 @@ def format_data_result(r: dict[str, Any]) -> str:
     )
     return "\n".join([
         f"device      {r['device']}",
-        f"data        {c['data']} ({c['root']}), decode on {c['decode']}, {c['workers']} workers, batch {c['batch']}",
+        f"data        {c['data']} ({c['root']}), decode {DECODE_TEXT[c['decode']]}, {c['workers']} workers,"
+        f" batch {c['batch']}",
         f"model       ViT-{c['size']}/{c['patch']} at {c['img']} px, {c['steps']} timed steps after {c['warmup']} warmup",
         f"pipeline    {r['pipeline_imgs_per_s']:10.1f} img/s",
         f"trainer     {r['trainer_imgs_per_s']:10.1f} img/s",
