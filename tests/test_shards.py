@@ -214,3 +214,30 @@ def test_the_plan_says_how_shards_are_read_and_what_resume_guarantees() -> None:
     line = describe_data(DataConfig(name="shards", root="s3://bucket/in1k"))
     assert "ranged GETs, no copy" in line and "resume exact" in line
     assert "synced once" in describe_data(DataConfig(name="imagefolder", root="s3://bucket/in1k"))
+
+
+def test_index_command_rebuilds_the_writer_index_and_s3_without_one_is_named(sharded: Path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    indexes = sorted(sharded.rglob("*" + INDEX_SUFFIX))
+    written = [p.read_text() for p in indexes]
+    for path in indexes:
+        path.unlink()
+    # Locally a missing index is built from the tar headers on the fly: the same samples.
+    assert len(ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=True)) == 12
+    run = subprocess.run(
+        [sys.executable, "-m", "trainers.data.shards", "index", str(sharded)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "indexed 5 shards" in run.stdout
+    assert [p.read_text() for p in indexes] == written
+
+
+@pytest.mark.slow
+def test_s3_shards_without_an_index_fail_with_the_command_that_writes_it(s3, s3_client, sharded: Path) -> None:
+    s3_client.create_bucket(Bucket="data")
+    for path in sorted(sharded.rglob("*")):
+        if path.is_file() and not path.name.endswith(INDEX_SUFFIX):
+            s3_client.upload_file(str(path), "data", f"noindex/{path.relative_to(sharded)}")
+    with pytest.raises(DatasetNotFoundError, match=r"no index s3://data/noindex/train/shard-000000.tar.idx.json.*shards index"):
+        shards_source("s3://data/noindex")
