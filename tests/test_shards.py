@@ -241,3 +241,13 @@ def test_s3_shards_without_an_index_fail_with_the_command_that_writes_it(s3, s3_
             s3_client.upload_file(str(path), "data", f"noindex/{path.relative_to(sharded)}")
     with pytest.raises(DatasetNotFoundError, match=r"no index s3://data/noindex/train/shard-000000.tar.idx.json.*shards index"):
         shards_source("s3://data/noindex")
+
+
+def test_local_reads_keep_a_bounded_number_of_shards_open(sharded: Path, monkeypatch) -> None:
+    import trainers.data.shards as shards
+
+    monkeypatch.setattr(shards, "OPEN_SHARDS", 2)
+    data = ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=True)
+    first = [data.encoded(i)[0] for i in range(len(data))]  # 3 shards, read in turn
+    assert len(data.shards._files) == 2
+    assert all(torch.equal(a, data.encoded(i)[0]) for i, a in reversed(list(enumerate(first))))

@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import tarfile
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ INDEX_SUFFIX = ".idx.json"
 CLASSES_FILE = "classes.json"
 INDEX_FORMAT = "vit-shards/1"
 INDEX_THREADS = 16
+OPEN_SHARDS = 64  # open local shard files per process
 Member = tuple[int, int]  # (offset of the data in the tar file, size in bytes)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -103,7 +105,7 @@ class LocalShards:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._files: dict[str, Any] = {}
+        self._files: OrderedDict[str, Any] = OrderedDict()  # least recently used first
 
     def names(self) -> list[str]:
         return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*.tar"))
@@ -117,12 +119,18 @@ class LocalShards:
     def read(self, name: str, member: Member) -> bytes:
         handle = self._files.get(name)
         if handle is None:
+            # Random access touches every shard (ImageNet-1k: about 1300): keep a bounded set open
+            # per process, below the usual limit of 1024 open files.
+            if len(self._files) >= OPEN_SHARDS:
+                self._files.popitem(last=False)[1].close()
             handle = self._files[name] = open(self.folder / name, "rb")
+        else:
+            self._files.move_to_end(name)
         handle.seek(member[0])
         return handle.read(member[1])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": {}}  # file handles do not travel to worker processes
+        return {**self.__dict__, "_files": OrderedDict()}  # file handles do not travel to worker processes
 
 
 class S3Shards:
