@@ -8,9 +8,9 @@ clamped to [0, 1], as the renderer clamps it), so the words agree with the pixel
 
 from __future__ import annotations
 
-import torch
+from typing import Sequence
 
-from .shapes import BG, CX, CY, EXTENT, FG, OBJECT_AREA, SHAPE_NAMES, SHAPES
+import torch
 
 # Plain colour words and their RGB in [0, 1]: few enough that each is a clear region of colour space.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -47,19 +47,18 @@ def position_phrase(row: int, col: int) -> str:
     return f"at the {vertical}" if horizontal == "centre" else f"in the {vertical} {horizontal}"
 
 
-def captions(params: torch.Tensor, labels: torch.Tensor) -> list[str]:
-    """One caption per row of a shapes parameter table (CPU tensors from shapes.draw_parameters)."""
-    params, labels = params.cpu(), labels.cpu()
-    area_per_r2 = torch.tensor([SHAPES[name][1] for name in SHAPE_NAMES])[labels]
-    area = params[:, EXTENT] ** 2 * area_per_r2  # before edge clipping, as drawn
-    low, high = OBJECT_AREA
-    size = ((area - low) / (high - low) * 3).floor().clamp(0, 2).long().tolist()
+def describe(
+    shapes: Sequence[str], area: torch.Tensor, area_range: tuple[float, float], cx: torch.Tensor, cy: torch.Tensor,
+    colour: torch.Tensor, background: torch.Tensor,
+) -> list[str]:
+    """One caption per object: its shape name, area (thirds of area_range), centre (x, y in [0, 1],
+    y down), drawn colour and background colour (rgb [n, 3]). shapes.py passes its parameter columns."""
+    low, high = area_range
+    size = ((area.cpu() - low) / (high - low) * 3).floor().clamp(0, 2).long().tolist()
     # Columns and rows in thirds of the image; y grows downwards (row 0 is the top).
-    col = (params[:, CX] * 3).floor().clamp(0, 2).long().tolist()
-    row = (params[:, CY] * 3).floor().clamp(0, 2).long().tolist()
-    colour = colour_names(params[:, FG].clamp(0.0, 1.0))
-    background = colour_names(params[:, BG])
+    col = (cx.cpu() * 3).floor().clamp(0, 2).long().tolist()
+    row = (cy.cpu() * 3).floor().clamp(0, 2).long().tolist()
     return [
-        f"a {SIZE_WORDS[s]} {c} {SHAPE_NAMES[k]} {position_phrase(r, x)} on a {b} background"
-        for s, c, k, r, x, b in zip(size, colour, labels.tolist(), row, col, background)
+        f"a {SIZE_WORDS[s]} {c} {shape} {position_phrase(r, x)} on a {b} background"
+        for s, c, shape, r, x, b in zip(size, colour_names(colour), shapes, row, col, colour_names(background))
     ]

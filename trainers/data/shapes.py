@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .base import Batch
+from .captions import describe
 from .sampling import EpochOrder, derive_seed
 
 Tensor = torch.Tensor
@@ -136,6 +137,21 @@ def draw_parameters(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor
     return p, labels
 
 
+def captions(params: Tensor, labels: Tensor) -> list[str]:
+    """One caption per parameter row (CPU), e.g. "a large red ring in the top left on a blue
+    background": the object colour as drawn (clamped to [0, 1], as the renderer clamps it)."""
+    area_per_r2 = torch.tensor([SHAPES[name][1] for name in SHAPE_NAMES])[labels]
+    return describe(
+        [SHAPE_NAMES[k] for k in labels.tolist()],
+        params[:, EXTENT] ** 2 * area_per_r2,  # object area before edge clipping
+        OBJECT_AREA,
+        params[:, CX],
+        params[:, CY],
+        params[:, FG].clamp(0.0, 1.0),
+        params[:, BG],
+    )
+
+
 class ShapesSource:
     """Procedural images of `num_classes` shape kinds with per-pixel masks."""
 
@@ -231,8 +247,6 @@ class ShapesSource:
         return Batch(images, labels, masks, self._captions(split, rows, labels_cpu))
 
     def _captions(self, split: str, rows: Tensor, labels_cpu: Tensor) -> list[str]:
-        from .captions import captions  # captions.py reads this module's constants
-
         return captions(self._cpu_params[split][rows], labels_cpu)
 
     def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
