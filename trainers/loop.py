@@ -2,9 +2,10 @@
 
 What the ViT learns from (labels, self-distillation, captions) is the objective's business
 (trainers/objectives/): it builds the networks, computes the loss of a batch and names the
-evaluation; this loop is the same for every objective. The loop is deterministic for a seed and resumes exactly: the batch for step s is a
-pure function of (seed, s) (see trainers/data/base.py) and a checkpoint holds the
-model, optimizer, schedule, every RNG state and the step.
+evaluation; this loop is the same for every objective. The loop is deterministic for a seed
+and resumes exactly: the batch for step s is a pure function of (seed, s) (see
+trainers/data/base.py) and a checkpoint holds the model, optimizer, schedule, the objective's
+state (teacher, centres, temperature), every RNG state and the step.
 """
 
 from __future__ import annotations
