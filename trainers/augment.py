@@ -138,14 +138,16 @@ class BatchAugment:
     0..1 pixels, so the batch is taken back there and normalised again afterwards.
     """
 
-    def __init__(self, *, seed: int, size: int, mean: Tensor, std: Tensor, jitter: float, repeats: int) -> None:
-        self.seed, self.size, self.jitter, self.repeats = seed, size, jitter, repeats
+    def __init__(
+        self, *, seed: int, size: int, mean: Tensor, std: Tensor, jitter: float, repeats: int, batch_size: int
+    ) -> None:
+        self.seed, self.size, self.jitter, self.repeats, self.batch_size = seed, size, jitter, repeats, batch_size
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
 
     def __call__(self, images: Tensor, labels: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        if self.repeats > 1:  # each image k times in a row, each copy with its own draws
-            images = images.repeat_interleave(self.repeats, dim=0)
-            labels = labels.repeat_interleave(self.repeats, dim=0)
+        if self.repeats > 1:  # each image k times in a row, each copy with its own draws; the last may get fewer
+            images = images.repeat_interleave(self.repeats, dim=0)[: self.batch_size]
+            labels = labels.repeat_interleave(self.repeats, dim=0)[: self.batch_size]
         gen = step_generator(self.seed, step, "three_augment")
         pixels = (images.float() * self.std + self.mean).clamp_(0, 1)
         out = three_augment(pixels, self.size, gen, self.jitter)

@@ -137,7 +137,7 @@ class AugmentConfig(Strict):
     )
     color_jitter: float = Field(default=0.3, ge=0, description="3-Augment: brightness, contrast and saturation strength")
     repeats: int = Field(
-        default=1, ge=1, description="repeated augmentation: each image drawn this many times per batch, augmented apart"
+        default=1, ge=1, description="repeated augmentation: ceil(batch / repeats) images per step, each this many times, augmented apart"
     )
     mixup: float = Field(default=0.0, ge=0, description="Mixup alpha (DeiT-III 0.8); 0 = off")
     cutmix: float = Field(default=0.0, ge=0, description="CutMix alpha (DeiT-III 1.0); 0 = off")
@@ -150,6 +150,10 @@ class AugmentConfig(Strict):
     @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+    def images_per_step(self, batch_size: int) -> int:
+        """Distinct images a step draws from the data: with repeats, ceil(batch_size / repeats)."""
+        return -(-batch_size // self.repeats)
 
     @property
     def active(self) -> bool:
@@ -285,8 +289,6 @@ class TrainConfig(Strict):
         if self.augment.active and self.objective != "supervised":
             raise ValueError(f"the augment block (DeiT-III recipe) is for objective supervised, not {self.objective!r}")
         a, batch = self.augment, self.optim.batch_size
-        if batch % a.repeats:
-            raise ValueError(f"optim.batch_size {batch} is not a multiple of augment.repeats ({a.repeats})")
         if a.mixing and batch % 2:
             raise ValueError(f"optim.batch_size {batch} must be even with mixup/cutmix (timm's Mixup pairs images)")
         if self.objective == "dino" and self.dino.local_crops and self.dino.local_crop_size % self.model.patch_size:

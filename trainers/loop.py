@@ -114,8 +114,9 @@ class Trainer:
         reports to Tune there. Metrics go to the tracker as they are measured.
         """
         cfg, tracker = self.cfg, tracker or NullTracker()
-        # With repeated augmentation a step draws batch_size / repeats images; the objective repeats them.
-        batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size // cfg.augment.repeats)
+        # With repeated augmentation a step draws ceil(batch_size / repeats) images; the objective repeats them.
+        per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
+        batches: Iterator[Batch] = self.data.train_batches(self.step, per_step)
         loss_sum = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0

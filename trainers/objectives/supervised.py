@@ -62,7 +62,8 @@ class SupervisedObjective(Objective):
         if a.three_augment:
             mean, std = pixel_stats(data, cfg.data.name, device)
             self.augment = BatchAugment(
-                seed=cfg.seed, size=cfg.model.img_size, mean=mean, std=std, jitter=a.color_jitter, repeats=a.repeats
+                seed=cfg.seed, size=cfg.model.img_size, mean=mean, std=std, jitter=a.color_jitter, repeats=a.repeats,
+                batch_size=cfg.optim.batch_size,
             )
         self.mixup = None
         if a.mixing:
