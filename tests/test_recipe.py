@@ -190,3 +190,45 @@ def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path) -> None:
     restored.load(tmp_path)
     resumed = restored.train_step(next(restored.data.train_batches(restored.step, per_step)))
     assert torch.equal(resumed, expected)
+
+
+def test_resumed_fit_with_the_recipe_matches_an_uninterrupted_fit(tmp_path) -> None:
+    cfg = recipe_config(steps=4, eval_every=2, log_every=2)
+    straight = MemoryTracker()
+    Trainer(cfg, CPU).fit(straight)
+
+    class Stop(Exception):
+        pass
+
+    first, first_log = Trainer(cfg, CPU), MemoryTracker()
+
+    def stop(step: int, metrics: dict) -> None:
+        first.save(tmp_path)
+        raise Stop
+
+    with pytest.raises(Stop):
+        first.fit(first_log, stop)
+    second, second_log = Trainer(cfg, CPU), MemoryTracker()
+    second.load(tmp_path)
+    second.fit(second_log)
+    stitched = first_log.history(names.TRAIN_LOSS) + second_log.history(names.TRAIN_LOSS)
+    assert stitched == straight.history(names.TRAIN_LOSS)
+
+
+def test_the_recipe_trains_on_an_imagefolder_with_imagenet_statistics(tmp_path) -> None:
+    from test_data import write_image_tree
+
+    write_image_tree(tmp_path)
+    cfg = recipe_config(
+        data=dict(name="imagefolder", root=str(tmp_path), num_workers=0),
+        optim=dict(name="lamb", lr=4e-3, lr_ref_batch=2048, batch_size=6),
+        probe=dict(every=0, at_end=False, batch_size=4),
+    )
+    trainer = Trainer(cfg, CPU)
+    mean = trainer.objective.augment.mean.flatten().tolist()
+    assert mean == pytest.approx([0.485, 0.456, 0.406])
+    batch = next(trainer.data.train_batches(0, cfg.augment.images_per_step(6)))
+    assert len(batch) == 2  # ceil(6 / 3) images, each three times in the step's batch
+    images, targets = trainer.objective.inputs(batch, 0)
+    assert images.shape == (6, 3, 32, 32) and targets.shape == (6, 3)
+    assert np.isfinite(float(trainer.train_step(batch)))
