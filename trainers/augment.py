@@ -37,6 +37,13 @@ def step_generator(seed: int, step: int, tag: str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, tag, step))
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-drawn parameters onto the device without a host sync (pinned, non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(gen: torch.Generator, low: float, high: float, *shape: int) -> Tensor:
     return low + (high - low) * torch.rand(*shape, generator=gen)
 
@@ -71,7 +78,7 @@ def resized_crop_flip(images: Tensor, size: int, gen: torch.Generator) -> Tensor
     theta[:, 0, 2] = 2 * cx - 1
     theta[:, 1, 1] = h
     theta[:, 1, 2] = 2 * cy - 1
-    grid = F.affine_grid(theta.to(images.device), [n, 3, size, size], align_corners=False)
+    grid = F.affine_grid(to_device(theta, images.device), [n, 3, size, size], align_corners=False)
     out = F.grid_sample(images, grid.to(images.dtype), mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0)  # bicubic overshoots
 
@@ -87,7 +94,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     half = BLUR_TAPS // 2
     x = torch.arange(-half, half + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(images.device, images.dtype)
+    kernel = to_device(kernel / kernel.sum(dim=1, keepdim=True), images.device).to(images.dtype)
     kernel = kernel.repeat_interleave(c, dim=0)  # [n * c, taps]: one kernel per image channel
     flat = F.pad(images.reshape(1, n * c, hh, ww), (half, half, half, half), mode="reflect")
     flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
@@ -100,7 +107,7 @@ def color_jitter(images: Tensor, strength: float, gen: torch.Generator) -> Tenso
     if strength <= 0:
         return images
     n = images.shape[0]
-    factors = _uniform(gen, max(0.0, 1 - strength), 1 + strength, 3, n).to(images.device, images.dtype)
+    factors = to_device(_uniform(gen, max(0.0, 1 - strength), 1 + strength, 3, n), images.device).to(images.dtype)
     b, c, s = (f.view(n, 1, 1, 1) for f in factors)
     x = (images * b).clamp_(0, 1)
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
@@ -119,7 +126,7 @@ def three_augment(images: Tensor, size: int, gen: torch.Generator, jitter: float
         rows_cpu = (choice == kind).nonzero().squeeze(1)  # host-side draws: no device sync
         if rows_cpu.numel() == 0:
             continue
-        rows = rows_cpu.to(x.device)
+        rows = to_device(rows_cpu, x.device)
         part = x[rows]
         if kind == 0:
             part = grayscale(part).expand(-1, 3, -1, -1)
