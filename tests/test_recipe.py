@@ -135,6 +135,13 @@ def test_bce_binarises_the_mixed_targets_as_timm_does() -> None:
     assert isinstance(Trainer(recipe_config(augment=dict(mixup=0.8)), CPU).objective.criterion, SoftTargetCrossEntropy)
 
 
+def test_label_smoothing_without_mixing_is_timms_smoothed_cross_entropy() -> None:
+    trainer = Trainer(recipe_config(augment=dict(label_smoothing=0.1)), CPU)
+    logits, labels = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(trainer.objective.criterion(logits, labels), expected)
+
+
 # ------------------------------------------------------------------ 3-Augment
 
 

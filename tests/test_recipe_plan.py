@@ -57,6 +57,9 @@ def test_the_spec_overrides_gpu_price_and_mfu() -> None:
     ratio = (GPU_PEAK_TFLOPS["H100"] * 0.4) / (GPU_PEAK_TFLOPS["A100"] * 0.3)
     assert a100.total_gpu_hours == pytest.approx(default.total_gpu_hours * ratio)
     assert a100.total_usd == pytest.approx(a100.total_gpu_hours * 1.5)
+    cpu_only = copy.deepcopy(BASE)
+    cpu_only["resources"] = {"cpu": 1, "gpu": 0}
+    assert "the trials ask for no GPU" in format_plan(make_plan(parse_spec(cpu_only)))
     custom = make_plan(spec_with(gpu_type="B200", peak_tflops=2250, usd_per_gpu_hour=6))
     assert "estimate on B200" in format_plan(custom)
 

@@ -123,8 +123,8 @@ def format_usd(usd: float) -> str:
 def cost_lines(plan: SweepPlan) -> list[str]:
     """GPU-hours and money per trial and for the sweep, on the spec's cost.gpu_type."""
     cost, trials = plan.spec.cost, plan.trials
-    hours = sorted({t.gpu_hours for t in trials})
-    span = format_hours(hours[0]) if len(hours) == 1 else f"{format_hours(hours[0])} to {format_hours(hours[-1])}"
+    low, high = format_hours(min(t.gpu_hours for t in trials)), format_hours(max(t.gpu_hours for t in trials))
+    span = low if low == high else f"{low} to {high}"
     bases = sorted({t.estimate for t in trials})
     lines = [
         f"GPU time and cost (estimate on {cost.gpu_type}, {'; '.join(bases)}; ${cost.price:g} per GPU-hour):"
@@ -132,7 +132,9 @@ def cost_lines(plan: SweepPlan) -> list[str]:
         f" {format_usd(plan.total_usd)} for the sweep"
     ]
     gpus = plan.gpu_per_trial
-    if gpus >= 1:
+    if gpus == 0:
+        lines.append(f"  (the trials ask for no GPU: these figures are what they would take on {cost.gpu_type})")
+    elif gpus >= 1:
         wall = sorted({t.gpu_hours / gpus for t in trials})
         lines.append(f"  (a trial on its {_number(gpus)} GPU{'s' if gpus > 1 else ''}: {format_hours(wall[-1])} hours at most, wall clock)")
     lines.append("  (set cost: {gpu_type, usd_per_gpu_hour, mfu, peak_tflops} in the spec, or --set cost.gpu_type=A100)")
