@@ -53,8 +53,8 @@ class Trainer:
         self.cfg = cfg
         self.device = device or default_device()
         seed_everything(cfg.seed)
-        # DINO makes its own crops on the device: real images come without the random crop then.
-        augment = cfg.objective != "dino"
+        # DINO and 3-Augment make their own crops on the device: real images come without the random crop then.
+        augment = cfg.objective != "dino" and not cfg.augment.three_augment
         self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
         self.objective = build_objective(cfg, self.data, self.device)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
@@ -76,9 +76,14 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # No weight decay on norms, biases, position embeddings, [CLS] and registers (objectives/base.py).
+        # The peak lr is optim.lr scaled linearly from optim.lr_ref_batch to the global batch.
         o = self.cfg.optim
+        if o.name == "lamb":
+            from timm.optim import Lamb  # DeiT-III's optimizer; its own global-norm clip is off, grad_clip acts
+
+            return Lamb(self.objective.param_groups(), lr=o.scaled_lr, betas=(o.beta1, o.beta2), max_grad_norm=None)
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(self.objective.param_groups(), lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
+        return torch.optim.AdamW(self.objective.param_groups(), lr=o.scaled_lr, betas=(o.beta1, o.beta2), fused=fused)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -110,7 +115,9 @@ class Trainer:
         reports to Tune there. Metrics go to the tracker as they are measured.
         """
         cfg, tracker = self.cfg, tracker or NullTracker()
-        batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size)
+        # With repeated augmentation a step draws ceil(batch_size / repeats) images; the objective repeats them.
+        per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
+        batches: Iterator[Batch] = self.data.train_batches(self.step, per_step)
         loss_sum = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.spec.schema import SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig
-from trainers.cost import objective_train_flops_per_image
+from trainers.cost import gpu_seconds, objective_train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000, "shards": 1000}
@@ -27,6 +27,9 @@ class TrialPlan:
     axes: dict[str, Any]  # grid axis values, including 'seed'
     config: TrainConfig
     flops: int  # estimated training FLOPs of the whole trial
+    gpu_hours: float = 0.0  # on spec.cost.gpu_type (trainers/cost.py): measured images/s, else FLOPs at an MFU
+    usd: float = 0.0  # gpu_hours * spec.cost's price
+    estimate: str = ""  # how gpu_hours was estimated
 
 
 @dataclass
@@ -38,6 +41,8 @@ class SweepPlan:
     total_cpu: float  # every trial at once
     total_gpu: float
     total_flops: int
+    total_gpu_hours: float = 0.0
+    total_usd: float = 0.0
     searched: dict[str, Any] = field(default_factory=dict)  # search space (key -> param), when search
 
     @property
@@ -91,8 +96,15 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
     for assignment in spec.assignments():
         cfg = spec.trial_config(assignment)
         flops = trial_flops(cfg)
+        seconds, estimate = gpu_seconds(cfg, flops, spec.cost.gpu_type, spec.cost.mfu, spec.cost.peak)
+        hours = seconds / 3600
         for _ in range(samples):
-            trials.append(TrialPlan(index=len(trials), axes=dict(assignment), config=cfg, flops=flops))
+            trials.append(
+                TrialPlan(
+                    index=len(trials), axes=dict(assignment), config=cfg, flops=flops,
+                    gpu_hours=hours, usd=hours * spec.cost.price, estimate=estimate,
+                )
+            )
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
     return SweepPlan(
         spec=spec,
@@ -102,6 +114,8 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
         total_cpu=cpu * len(trials),
         total_gpu=gpu * len(trials),
         total_flops=sum(t.flops for t in trials),
+        total_gpu_hours=sum(t.gpu_hours for t in trials),
+        total_usd=sum(t.usd for t in trials),
         searched=dict(spec.search.space) if spec.search is not None else {},
     )
 
@@ -111,6 +125,54 @@ def format_flops(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.3g} {unit}"
     return f"{flops:.0f} FLOP"
+
+
+def format_hours(hours: float) -> str:
+    if hours < 0.01:
+        return "<0.01" if hours > 0 else "0"
+    return f"{hours:.3g}" if hours < 100 else f"{hours:,.0f}"
+
+
+def format_usd(usd: float) -> str:
+    if usd < 0.01:
+        return "<$0.01" if usd > 0 else "$0"
+    return f"${usd:,.2f}" if usd < 100 else f"${usd:,.0f}"
+
+
+def cost_lines(plan: SweepPlan) -> list[str]:
+    """GPU-hours and money per trial and for the sweep, on the spec's cost.gpu_type."""
+    cost, trials = plan.spec.cost, plan.trials
+    low, high = format_hours(min(t.gpu_hours for t in trials)), format_hours(max(t.gpu_hours for t in trials))
+    span = low if low == high else f"{low} to {high}"
+    bases = sorted({t.estimate for t in trials})
+    lines = [
+        f"GPU time and cost (estimate on {cost.gpu_type}, {'; '.join(bases)}; ${cost.price:g} per GPU-hour):"
+        f" {span} GPU-hours per trial; {format_hours(plan.total_gpu_hours)} GPU-hours,"
+        f" {format_usd(plan.total_usd)} for the sweep"
+    ]
+    gpus = plan.gpu_per_trial
+    if gpus == 0:
+        lines.append(f"  (the trials ask for no GPU: these figures are what they would take on {cost.gpu_type})")
+    elif gpus >= 1:
+        wall = sorted({t.gpu_hours / gpus for t in trials})
+        lines.append(f"  (a trial on its {_number(gpus)} GPU{'s' if gpus > 1 else ''}: {format_hours(wall[-1])} hours at most, wall clock)")
+    lines.append("  (set cost: {gpu_type, usd_per_gpu_hour, mfu, peak_tflops} in the spec, or --set cost.gpu_type=A100)")
+    return lines
+
+
+def lr_lines(plan: SweepPlan) -> list[str]:
+    """The peak learning rate of each distinct optimizer setting, with its linear batch scaling."""
+    lines: list[str] = []
+    settings = {(o.name, o.lr, o.lr_ref_batch, o.batch_size): o for o in (t.config.optim for t in plan.trials)}
+    for _, o in sorted(settings.items(), key=lambda item: (item[0][1], item[0][3], item[0][0])):
+        if o.lr_ref_batch is None:
+            lines.append(f"Learning rate: {o.lr:g} ({o.name}) at global batch {o.batch_size}, as given")
+        else:
+            lines.append(
+                f"Learning rate: {o.lr:g} given at reference batch {o.lr_ref_batch}, scaled linearly to global batch"
+                f" {o.batch_size}: {o.lr:g} * {o.batch_size} / {o.lr_ref_batch} = {o.scaled_lr:.4g} ({o.name})"
+            )
+    return lines
 
 
 def _number(value: float) -> str:
@@ -139,7 +201,7 @@ def format_plan(plan: SweepPlan) -> str:
         header += ["sample", *plan.searched]
     if "steps" not in axis_keys:
         header.append("steps")
-    header += ["tokens", "train FLOPs"]
+    header += ["tokens", "train FLOPs", "GPU-h", "USD"]
     ranges = [describe_param(p) for p in plan.searched.values()]
     rows = []
     for trial in plan.trials:
@@ -149,6 +211,7 @@ def format_plan(plan: SweepPlan) -> str:
         if "steps" not in axis_keys:
             row.append(str(trial.config.steps))
         row += [str(tokens_per_image(trial.config.model)), format_flops(trial.flops)]
+        row += [format_hours(trial.gpu_hours), format_usd(trial.usd)]
         rows.append(row)
 
     cells = len(plan.trials) // samples
@@ -191,6 +254,8 @@ def format_plan(plan: SweepPlan) -> str:
         passes = {"dino": "dino: teacher on 2 global crops, student on 2 global + local crops, heads",
                   "clip": "clip: image and text towers"}
         lines.append(f"  (extra passes counted: {'; '.join(passes[o] for o in objectives)})")
+    lines += cost_lines(plan)
+    lines += lr_lines(plan)
     if any(k == c or k.startswith(c) for k in plan.searched for c in COST_KEYS):
         lines.append("  (searched keys change the cost; the estimate uses the base train values)")
     lines += sorted({describe_data(t.config.data) for t in plan.trials})

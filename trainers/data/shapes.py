@@ -195,6 +195,11 @@ class ShapesSource:
         self._mean = images.mean(dim=(0, 2, 3))
         self._std = images.std(dim=(0, 2, 3)).clamp(min=1e-3)
 
+    @property
+    def pixel_stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, std) per channel of the normalisation: device-side augmentation undoes it."""
+        return self._mean, self._std
+
     def _grid(self, size: int) -> tuple[Tensor, Tensor]:
         centres = (torch.arange(size, device=self.device, dtype=torch.float32) + 0.5) / size
         return centres.view(1, size, 1), centres.view(1, 1, size)  # ys, xs
