@@ -27,6 +27,7 @@ class S3Request:
     method: str
     path: str  # /bucket/key (path-style, as clients address a loopback endpoint)
     access_key_id: str | None  # from the SigV4 Authorization header; None for an unsigned request
+    range: str | None = None  # the Range header (ranged GETs), if any
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ def moto_s3_server() -> Iterator[S3Endpoint]:
         def record(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             signed = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
             endpoint.requests.append(
-                S3Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), signed.group(1) if signed else None)
+                S3Request(
+                    environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), signed.group(1) if signed else None,
+                    environ.get("HTTP_RANGE"),
+                )
             )
             return app(environ, start_response)
 

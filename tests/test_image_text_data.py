@@ -100,3 +100,18 @@ def test_webdataset_shards_from_s3(tmp_path: Path, s3_client, monkeypatch) -> No
     source = build_data(cfg, img_size=16, seed=0, device=CPU)
     assert len(next(source.train_batches(0, 2)).captions) == 2
     assert source.class_names == ["blue thing", "red thing"]
+
+
+def test_dino_on_image_text_shards_trains_and_skips_the_knn_without_labelled_training_images(tmp_path: Path) -> None:
+    from trainers.config import DinoConfig, ModelConfig, OptimConfig, ProbeConfig
+    from trainers.loop import Trainer
+
+    _shards(tmp_path / "shards")
+    cfg = TrainConfig(
+        objective="dino", steps=2, log_every=1,
+        model=ModelConfig(size="micro", img_size=16, patch_size=8, num_registers=1),
+        data=DataConfig(name="webdataset", root=str(tmp_path / "shards"), val_root=str(_val_folder(tmp_path)), num_workers=0),
+        optim=OptimConfig(batch_size=2), probe=ProbeConfig(every=0, at_end=False),
+        dino=DinoConfig(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, local_crops=1, local_crop_size=8),
+    )
+    assert Trainer(cfg, CPU).fit() == {}

@@ -75,6 +75,8 @@ def test_plan_refuses_what_workers_cannot_train(tmp_path: Path) -> None:
         make_plan(spec_with(tmp_path, workers))  # batch 8
     with pytest.raises(SpecError, match="objective 'supervised' only, not 'dino'"):
         make_plan(spec_with(tmp_path, {"workers": 2}, objective="dino"))
+    with pytest.raises(SpecError, match="do not yet split augment.mixup/cutmix"):
+        make_plan(spec_with(tmp_path, {"workers": 2}, augment={"mixup": 0.8}))
 
 
 def test_plan_shows_workers_global_batch_and_gpus_per_trial(tmp_path: Path) -> None:

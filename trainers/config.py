@@ -43,6 +43,12 @@ class ModelConfig(Strict):
     num_registers: int = Field(default=0, ge=0, strict=True)
     mlp_ratio: float = Field(default=4.0, gt=0)
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    drop_path_mode: Literal["linear", "uniform"] = Field(
+        default="linear", description="stochastic depth per block: linear 0 -> rate (timm) or the rate in every block (DeiT-III)"
+    )
+    layer_scale: float | None = Field(
+        default=None, gt=0, description="LayerScale init value (DeiT-III: 1e-4 in its code, timm's deit3: 1e-6); null = off"
+    )
 
     @model_validator(mode="after")
     def _check_dims(self) -> "ModelConfig":
@@ -79,14 +85,14 @@ class ModelConfig(Strict):
 # Data sets whose training images come with captions (the CLIP objective needs them) and
 # those whose training images come with class labels (the supervised objective needs them).
 CAPTIONED_DATA = ("shapes", "webdataset", "csv")
-LABELLED_DATA = ("shapes", "cifar10", "cifar100", "imagefolder")
+LABELLED_DATA = ("shapes", "cifar10", "cifar100", "imagefolder", "shards")
 
 
 class DataConfig(Strict):
-    name: Literal["shapes", "cifar10", "cifar100", "imagefolder", "webdataset", "csv"] = "shapes"
+    name: Literal["shapes", "cifar10", "cifar100", "imagefolder", "shards", "webdataset", "csv"] = "shapes"
     root: str | None = Field(
         default=None,
-        description="real data: a directory (webdataset: of *.tar shards), a CSV file (csv) or s3://; ${ENV_VAR} is expanded",
+        description="real data: a directory (webdataset: of *.tar shards; shards: as `python -m trainers.data.shards write` lays them out), a CSV file (csv) or s3://; ${ENV_VAR} is expanded",
     )
     val_root: str | None = Field(
         default=None,
@@ -97,11 +103,19 @@ class DataConfig(Strict):
     train_size: int = Field(default=8192, gt=0, description="shapes: distinct training images before they repeat")
     val_size: int = Field(default=512, gt=0)
     num_workers: int = Field(default=2, ge=0, description="DataLoader workers for real data")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="shards: where JPEGs are decoded and cropped; gpu = batched torchvision decode_jpeg on the "
+        "trainer's device (nvJPEG), cpu = in the DataLoader workers; auto = gpu on CUDA",
+    )
 
 
 class OptimConfig(Strict):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0)
+    name: Literal["adamw", "lamb"] = Field(default="adamw", description="lamb: timm.optim.Lamb (DeiT-III)")
+    lr: float = Field(default=1e-3, gt=0, description="at lr_ref_batch when set, else at batch_size as is")
+    lr_ref_batch: int | None = Field(
+        default=None, gt=0, description="lr is given for this global batch and scaled linearly: lr * batch_size / lr_ref_batch"
+    )
     weight_decay: float = Field(default=0.05, ge=0)
     beta1: float = Field(default=0.9, gt=0, lt=1)
     beta2: float = Field(default=0.999, gt=0, lt=1)
@@ -109,6 +123,56 @@ class OptimConfig(Strict):
     min_lr_ratio: float = Field(default=0.01, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     grad_clip: float | None = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, gt=0)
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate the optimizer uses: lr scaled linearly from lr_ref_batch to batch_size."""
+        return self.lr if self.lr_ref_batch is None else self.lr * self.batch_size / self.lr_ref_batch
+
+
+class AugmentConfig(Strict):
+    """DeiT-III's training-time augmentation and targets (Touvron et al. 2022). All off by default.
+
+    Supervised objective only; 3-Augment and the mixing run on the batch tensors on the device.
+    """
+
+    three_augment: bool = Field(
+        default=False,
+        description="RandomResizedCrop 0.08-1 bicubic + flip, one of grayscale/solarize/blur, ColorJitter (on the device)",
+    )
+    color_jitter: float = Field(default=0.3, ge=0, description="3-Augment: brightness, contrast and saturation strength")
+    repeats: int = Field(
+        default=1, ge=1, description="repeated augmentation: ceil(batch / repeats) images per step, each this many times, augmented apart"
+    )
+    mixup: float = Field(default=0.0, ge=0, description="Mixup alpha (DeiT-III 0.8); 0 = off")
+    cutmix: float = Field(default=0.0, ge=0, description="CutMix alpha (DeiT-III 1.0); 0 = off")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    loss: Literal["ce", "bce"] = Field(default="ce", description="bce: timm BinaryCrossEntropy (DeiT-III)")
+    bce_target_threshold: float | None = Field(
+        default=0.0, ge=0, lt=1, description="bce: targets binarised (> threshold -> 1) after mixing; null keeps them soft"
+    )
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    def images_per_step(self, batch_size: int) -> int:
+        """Distinct images a step draws from the data: with repeats, ceil(batch_size / repeats)."""
+        return -(-batch_size // self.repeats)
+
+    @property
+    def active(self) -> bool:
+        return self.three_augment or self.repeats > 1 or self.mixing or self.label_smoothing > 0 or self.loss != "ce"
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        if self.repeats > 1 and not self.three_augment:
+            raise ValueError("repeats > 1 needs three_augment: true, else the repeated copies would be identical")
+        if self.loss == "bce" and self.label_smoothing > 0 and self.bce_target_threshold == 0:
+            raise ValueError(
+                "label_smoothing with bce_target_threshold 0 binarises every target to 1; raise the threshold or set it null"
+            )
+        return self
 
 
 class ProbeConfig(Strict):
@@ -201,6 +265,7 @@ class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
     probe: ProbeConfig = ProbeConfig()
     steps: int = Field(default=1000, gt=0)
     eval_every: int = Field(default=0, ge=0, description="validate every N steps; 0 = only at the end")
@@ -230,8 +295,33 @@ class TrainConfig(Strict):
             raise ValueError(f"objective supervised needs class labels: data {data!r} has captions only")
         if data in ("webdataset", "csv") and self.data.val_root is None:
             raise ValueError(f"data {data!r} needs data.val_root: labelled images (ImageFolder layout) to evaluate and probe")
+        if self.augment.active and self.objective != "supervised":
+            raise ValueError(f"the augment block (DeiT-III recipe) is for objective supervised, not {self.objective!r}")
+        a, batch = self.augment, self.optim.batch_size
+        if a.mixing and batch % 2:
+            raise ValueError(f"optim.batch_size {batch} must be even with mixup/cutmix (timm's Mixup pairs images)")
         if self.objective == "dino" and self.dino.local_crops and self.dino.local_crop_size % self.model.patch_size:
             raise ValueError(
                 f"dino.local_crop_size {self.dino.local_crop_size} is not a multiple of model.patch_size {self.model.patch_size}"
             )
         return self
+
+
+def data_parallel_problem(cfg: TrainConfig, workers: int) -> str | None:
+    """Why `workers` data-parallel ranks could not follow one process's trajectory, or None.
+
+    Ranks split the batch a step draws and DDP averages their gradients: exact for a loss that
+    is a mean of per-image terms. Batch statistics (DINO's centre, CLIP's negatives) and the
+    recipe's batch-level draws (3-Augment, Mixup/CutMix pairs, repeated augmentation, all made
+    on the whole batch inside the objective) would differ per rank."""
+    if workers == 1:
+        return None
+    if cfg.objective != "supervised":
+        return f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}"
+    a = cfg.augment
+    batch_level = [k for k, on in (("three_augment", a.three_augment), ("mixup/cutmix", a.mixing), ("repeats", a.repeats > 1)) if on]
+    if batch_level:
+        return f"data-parallel workers do not yet split augment.{', augment.'.join(batch_level)} (drawn over the whole batch)"
+    if cfg.optim.batch_size % workers:
+        return f"the global batch optim.batch_size {cfg.optim.batch_size} must split evenly over {workers} workers"
+    return None

@@ -66,3 +66,36 @@ def objective_train_flops_per_image(cfg: TrainConfig, num_classes: int) -> int:
     student = 2 * global_crop + d.local_crops * (forward_macs_per_image(local, 0) + head)
     teacher = 2 * global_crop
     return int(6 * student + 2 * teacher)
+
+
+# ----------------------------------------------------------------------------- time and money
+
+# bf16 dense tensor-core peak per GPU in TFLOP/s, from the vendor's data sheets, without the
+# 2:4-sparsity doubling they headline: H100 SXM 1979 sparse -> 989 (H200 has the same tensor
+# cores), A100 312, L4 242 sparse -> 121, A10 250 sparse -> 125 (AWS's A10G is an A10 variant;
+# NVIDIA publishes no separate sheet, so its real clocks may give less: lower mfu if measured).
+GPU_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
+# USD per GPU-hour: rough on-demand cloud list prices, a default only; set cost.usd_per_gpu_hour.
+GPU_USD_PER_HOUR: dict[str, float] = {"H100": 4.0, "H200": 5.0, "A100": 2.5, "L4": 0.8, "A10G": 1.0}
+DEFAULT_GPU = "H100"
+# Model FLOPs utilisation the FLOPs estimate assumes where nothing is measured (DESIGN.md: 30-40%
+# is what ViT training reaches with bf16 and fused attention).
+DEFAULT_MFU = 0.4
+# Trainer images/s per GPU measured by `python -m orchestrator.bench` (docs/performance.md):
+# (gpu type, model label, img_size, num_registers, objective) -> images/s. None measured on a
+# GPU yet, so every estimate comes from FLOPs at the stated MFU.
+MEASURED_IMAGES_PER_S: dict[tuple[str, str, int, int, str], float] = {}
+
+
+def gpu_seconds(cfg: TrainConfig, flops: float, gpu_type: str, mfu: float, peak_tflops: float | None = None) -> tuple[float, str]:
+    """(GPU-seconds of a trial of `flops` training FLOPs, how they were estimated).
+
+    A measured throughput for the GPU type, model, size, registers and objective wins; else
+    FLOPs / (peak * mfu). GPU-seconds do not depend on how many GPUs share the trial (data
+    parallel at the same per-GPU throughput): its wall time is GPU-seconds / GPUs."""
+    key = (gpu_type, cfg.model.label, cfg.model.img_size, cfg.model.num_registers, cfg.objective)
+    measured = MEASURED_IMAGES_PER_S.get(key)
+    if measured is not None:
+        return cfg.steps * cfg.optim.batch_size / measured, f"measured {measured:.0f} images/s"
+    peak = peak_tflops if peak_tflops is not None else GPU_PEAK_TFLOPS[gpu_type]
+    return flops / (peak * 1e12 * mfu), f"FLOPs at {mfu:.0%} MFU of {peak:g} TFLOP/s"

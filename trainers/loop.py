@@ -2,9 +2,10 @@
 
 What the ViT learns from (labels, self-distillation, captions) is the objective's business
 (trainers/objectives/): it builds the networks, computes the loss of a batch and names the
-evaluation; this loop is the same for every objective. The loop is deterministic for a seed and resumes exactly: the batch for step s is a
-pure function of (seed, s) (see trainers/data/base.py) and a checkpoint holds the
-model, optimizer, schedule, every RNG state and the step.
+evaluation; this loop is the same for every objective. The loop is deterministic for a seed
+and resumes exactly: the batch for step s is a pure function of (seed, s) (see
+trainers/data/base.py) and a checkpoint holds the model, optimizer, schedule, the objective's
+state (teacher, centres, temperature), every RNG state and the step.
 
 Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes that share
 an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, data_parallel_problem
 from trainers.data import build_data
 from trainers.data.base import Batch
 from trainers.objectives import build_objective
@@ -79,16 +80,13 @@ class Trainer:
         if world_size > 1:
             if not torch.distributed.is_initialized():
                 raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
-            if cfg.objective != "supervised":
-                # DINO's centre and CLIP's contrastive negatives are batch statistics: per rank
-                # they would differ from one process's, and the trajectory would no longer match.
-                raise ValueError(f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}")
-            if cfg.optim.batch_size % world_size:
-                raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must split evenly over {world_size} workers")
+            problem = data_parallel_problem(cfg, world_size)
+            if problem:
+                raise ValueError(problem)
         # Every rank seeds alike: the same initial weights everywhere, as DDP needs.
         seed_everything(cfg.seed)
-        # DINO makes its own crops on the device: real images come without the random crop then.
-        augment = cfg.objective != "dino"
+        # DINO and 3-Augment make their own crops on the device: real images come without the random crop then.
+        augment = cfg.objective != "dino" and not cfg.augment.three_augment
         self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
         self.objective = build_objective(cfg, self.data, self.device)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
@@ -122,9 +120,14 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # No weight decay on norms, biases, position embeddings, [CLS] and registers (objectives/base.py).
+        # The peak lr is optim.lr scaled linearly from optim.lr_ref_batch to the global batch.
         o = self.cfg.optim
+        if o.name == "lamb":
+            from timm.optim import Lamb  # DeiT-III's optimizer; its own global-norm clip is off, grad_clip acts
+
+            return Lamb(self.objective.param_groups(), lr=o.scaled_lr, betas=(o.beta1, o.beta2), max_grad_norm=None)
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(self.objective.param_groups(), lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
+        return torch.optim.AdamW(self.objective.param_groups(), lr=o.scaled_lr, betas=(o.beta1, o.beta2), fused=fused)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -165,7 +168,9 @@ class Trainer:
         cfg, tracker = self.cfg, tracker or NullTracker()
         if self.rank != 0:
             tracker = NullTracker()  # rank 0 measures for all
-        batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size)
+        # With repeated augmentation a step draws ceil(batch_size / repeats) images; the objective repeats them.
+        per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
+        batches: Iterator[Batch] = self.data.train_batches(self.step, per_step)
         loss_sum = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0

@@ -9,6 +9,7 @@ output. timm does exactly this with `reg_tokens=N, no_embed_class=True`; with
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
 from trainers.config import ModelConfig
@@ -20,7 +21,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = 
     dynamic_img_size: accept other input sizes, with the patch position embeddings
     interpolated to the input's grid (DINO's local crops)."""
     dim, depth, heads = cfg.dims
-    return VisionTransformer(
+    model = VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
         num_classes=num_classes,
@@ -34,7 +35,20 @@ def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = 
         global_pool="token",  # classify from [CLS]; registers are dropped at the output
         drop_path_rate=cfg.drop_path_rate,
         dynamic_img_size=dynamic_img_size,
+        init_values=cfg.layer_scale,  # LayerScale (ls1, ls2 per block) when set; timm leaves it out for None
     )
+    if cfg.drop_path_mode == "uniform" and cfg.drop_path_rate > 0:
+        # timm spreads drop_path_rate linearly over depth (0 in the first block); DeiT-III's
+        # models_v2.py gives every block the same rate.
+        for block in model.blocks:
+            block.drop_path1 = DropPath(cfg.drop_path_rate)
+            block.drop_path2 = DropPath(cfg.drop_path_rate)
+    return model
+
+
+def drop_path_rates(model: VisionTransformer) -> list[float]:
+    """The stochastic-depth rate of each block (0 where it has none)."""
+    return [float(getattr(block.drop_path1, "drop_prob", 0.0)) for block in model.blocks]
 
 
 def patch_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Tensor:

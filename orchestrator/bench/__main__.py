@@ -1,6 +1,7 @@
-"""`python -m orchestrator.bench {trainer,overhead,store,startup} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,data,overhead,store,startup} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
+data      images/s of the input pipeline alone beside images/s the trainer consumes: is a trial input-bound?
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
@@ -39,6 +40,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     trainer.add_argument("--copies", type=int, help="also run K copies of our trainer at once on one GPU")
     trainer.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
     trainer.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    data = sub.add_parser("data", help="input pipeline images/s beside trainer images/s")
+    data.add_argument("--root", help="real data (local or s3://); default: a synthetic JPEG set in a temp folder")
+    data.add_argument("--data", choices=("shards", "imagefolder"), help="data set format (default shards)")
+    data.add_argument("--images", type=positive_int, help="synthetic set: training images")
+    data.add_argument("--size", help="model size (micro, mini, tiny, small, base, ...)")
+    data.add_argument("--img", type=int, help="image size in pixels")
+    data.add_argument("--patch", type=int, help="patch size in pixels")
+    data.add_argument("--batch", type=positive_int, help="batch size")
+    data.add_argument("--steps", type=positive_int, help="timed steps")
+    data.add_argument("--warmup", type=int, help="untimed steps first")
+    data.add_argument("--workers", type=int, help="DataLoader workers")
+    data.add_argument("--decode", choices=("auto", "cpu", "gpu"), help="where JPEGs are decoded (shards)")
+    data.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    data.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
+    data.add_argument("--json", action="store_true", help="end with one JSON line")
 
     overhead = sub.add_parser("overhead", help="sweep wall time against bare trainings")
     overhead.add_argument("--trials", type=int, default=8, help="number of identical trainings")
@@ -80,6 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = run_trainer_bench(settings, device)
         print(format_trainer_result(result))
+    elif args.bench == "data":
+        from orchestrator.bench.data import DataBenchSettings, format_data_result, run_data_bench
+        from orchestrator.bench.data import with_overrides as data_overrides
+        from orchestrator.bench.devices import bench_device
+
+        device = bench_device(args.device)
+        settings_d = data_overrides(
+            DataBenchSettings.defaults(device),
+            root=args.root, data=args.data, images=args.images, size=args.size, img=args.img, patch=args.patch,
+            batch=args.batch, steps=args.steps, warmup=args.warmup, workers=args.workers, decode=args.decode,
+            compile=args.compile,
+        )
+        result = run_data_bench(settings_d, device)
+        print(format_data_result(result))
     elif args.bench == "startup":
         from orchestrator.bench.startup import format_startup_result, run_startup_bench
 

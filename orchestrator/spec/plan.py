@@ -13,11 +13,11 @@ from typing import Any
 from orchestrator.spec.errors import SpecError
 from orchestrator.spec.schema import Resources, SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
-from trainers.config import DataConfig, ModelConfig, TrainConfig
-from trainers.cost import objective_train_flops_per_image
+from trainers.config import DataConfig, ModelConfig, TrainConfig, data_parallel_problem
+from trainers.cost import gpu_seconds, objective_train_flops_per_image
 
 # Classes of the real data sets; the generated 'shapes' set has data.num_classes.
-DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000}
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagefolder": 1000, "shards": 1000}
 # Searched keys under these prefixes change a trial's cost, so the estimate holds for the base value only.
 COST_KEYS = ("steps", "optim.batch_size", "model.", "data.num_classes")
 
@@ -28,6 +28,9 @@ class TrialPlan:
     axes: dict[str, Any]  # grid axis values, including 'seed'
     config: TrainConfig
     flops: int  # estimated training FLOPs of the whole trial
+    gpu_hours: float = 0.0  # on spec.cost.gpu_type (trainers/cost.py): measured images/s, else FLOPs at an MFU
+    usd: float = 0.0  # gpu_hours * spec.cost's price
+    estimate: str = ""  # how gpu_hours was estimated
 
 
 @dataclass
@@ -39,6 +42,8 @@ class SweepPlan:
     total_cpu: float  # every trial at once
     total_gpu: float
     total_flops: int
+    total_gpu_hours: float = 0.0
+    total_usd: float = 0.0
     searched: dict[str, Any] = field(default_factory=dict)  # search space (key -> param), when search
 
     @property
@@ -77,15 +82,9 @@ def concurrency_cap(resources: Resources, max_concurrent: int | None, cluster: d
 
 def check_workers(spec: SweepSpec, cfg: TrainConfig) -> None:
     """What a multi-worker trial needs of its config (trainers/loop.py checks it again)."""
-    workers = spec.resources.workers
-    if workers == 1:
-        return
-    if cfg.objective != "supervised":
-        raise SpecError("resources.workers", f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}")
-    if cfg.optim.batch_size % workers:
-        raise SpecError(
-            "resources.workers", f"the global batch optim.batch_size {cfg.optim.batch_size} must split evenly over {workers} workers"
-        )
+    problem = data_parallel_problem(cfg, spec.resources.workers)
+    if problem:
+        raise SpecError("resources.workers", problem)
 
 
 def num_classes(data: DataConfig) -> int:
@@ -93,9 +92,28 @@ def num_classes(data: DataConfig) -> int:
     image-text data trains no classifier."""
     if data.name in ("webdataset", "csv"):
         return 0
-    if data.name == "shapes" or (data.name == "imagefolder" and "num_classes" in data.model_fields_set):
+    if data.name == "shapes" or (data.name in ("imagefolder", "shards") and "num_classes" in data.model_fields_set):
         return data.num_classes
     return DATASET_CLASSES[data.name]
+
+
+def describe_data(data: DataConfig) -> str:
+    """How a trial reads its data and what a resume gets: one plan line."""
+    if data.name == "shapes":
+        how = "generated on the device"
+    elif data.name == "shards":
+        where = "by ranged GETs, no copy on the node" if (data.root or "").startswith("s3://") else "in place"
+        decode = {
+            "auto": "on the GPU where the trial has one, else in DataLoader workers",
+            "gpu": "on the trial's device",
+            "cpu": "in DataLoader workers",
+        }[data.decode]
+        how = f"shards {data.root} read {where}; JPEGs decoded {decode}"
+    else:
+        copy = "; s3:// synced once to each node's cache" if (data.root or "").startswith("s3://") else ""
+        how = f"{data.name} {data.root}{copy}"
+    # Every source reads by (seed, step) (trainers/data/base.py): no source streams in file order.
+    return f"Data: {how}; resume exact (the batch of step s depends only on seed and s)"
 
 
 def tokens_per_image(model: ModelConfig) -> int:
@@ -114,8 +132,15 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
         cfg = spec.trial_config(assignment)
         check_workers(spec, cfg)
         flops = trial_flops(cfg)
+        seconds, estimate = gpu_seconds(cfg, flops, spec.cost.gpu_type, spec.cost.mfu, spec.cost.peak)
+        hours = seconds / 3600
         for _ in range(samples):
-            trials.append(TrialPlan(index=len(trials), axes=dict(assignment), config=cfg, flops=flops))
+            trials.append(
+                TrialPlan(
+                    index=len(trials), axes=dict(assignment), config=cfg, flops=flops,
+                    gpu_hours=hours, usd=hours * spec.cost.price, estimate=estimate,
+                )
+            )
     cpu, gpu = spec.resources.cpu_per_trial, spec.resources.gpu_per_trial
     return SweepPlan(
         spec=spec,
@@ -125,6 +150,8 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
         total_cpu=cpu * len(trials),
         total_gpu=gpu * len(trials),
         total_flops=sum(t.flops for t in trials),
+        total_gpu_hours=sum(t.gpu_hours for t in trials),
+        total_usd=sum(t.usd for t in trials),
         searched=dict(spec.search.space) if spec.search is not None else {},
     )
 
@@ -134,6 +161,54 @@ def format_flops(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.3g} {unit}"
     return f"{flops:.0f} FLOP"
+
+
+def format_hours(hours: float) -> str:
+    if hours < 0.01:
+        return "<0.01" if hours > 0 else "0"
+    return f"{hours:.3g}" if hours < 100 else f"{hours:,.0f}"
+
+
+def format_usd(usd: float) -> str:
+    if usd < 0.01:
+        return "<$0.01" if usd > 0 else "$0"
+    return f"${usd:,.2f}" if usd < 100 else f"${usd:,.0f}"
+
+
+def cost_lines(plan: SweepPlan) -> list[str]:
+    """GPU-hours and money per trial and for the sweep, on the spec's cost.gpu_type."""
+    cost, trials = plan.spec.cost, plan.trials
+    low, high = format_hours(min(t.gpu_hours for t in trials)), format_hours(max(t.gpu_hours for t in trials))
+    span = low if low == high else f"{low} to {high}"
+    bases = sorted({t.estimate for t in trials})
+    lines = [
+        f"GPU time and cost (estimate on {cost.gpu_type}, {'; '.join(bases)}; ${cost.price:g} per GPU-hour):"
+        f" {span} GPU-hours per trial; {format_hours(plan.total_gpu_hours)} GPU-hours,"
+        f" {format_usd(plan.total_usd)} for the sweep"
+    ]
+    gpus = plan.gpu_per_trial
+    if gpus == 0:
+        lines.append(f"  (the trials ask for no GPU: these figures are what they would take on {cost.gpu_type})")
+    elif gpus >= 1:
+        wall = sorted({t.gpu_hours / gpus for t in trials})
+        lines.append(f"  (a trial on its {_number(gpus)} GPU{'s' if gpus > 1 else ''}: {format_hours(wall[-1])} hours at most, wall clock)")
+    lines.append("  (set cost: {gpu_type, usd_per_gpu_hour, mfu, peak_tflops} in the spec, or --set cost.gpu_type=A100)")
+    return lines
+
+
+def lr_lines(plan: SweepPlan) -> list[str]:
+    """The peak learning rate of each distinct optimizer setting, with its linear batch scaling."""
+    lines: list[str] = []
+    settings = {(o.name, o.lr, o.lr_ref_batch, o.batch_size): o for o in (t.config.optim for t in plan.trials)}
+    for _, o in sorted(settings.items(), key=lambda item: (item[0][1], item[0][3], item[0][0])):
+        if o.lr_ref_batch is None:
+            lines.append(f"Learning rate: {o.lr:g} ({o.name}) at global batch {o.batch_size}, as given")
+        else:
+            lines.append(
+                f"Learning rate: {o.lr:g} given at reference batch {o.lr_ref_batch}, scaled linearly to global batch"
+                f" {o.batch_size}: {o.lr:g} * {o.batch_size} / {o.lr_ref_batch} = {o.scaled_lr:.4g} ({o.name})"
+            )
+    return lines
 
 
 def _number(value: float) -> str:
@@ -162,7 +237,7 @@ def format_plan(plan: SweepPlan) -> str:
         header += ["sample", *plan.searched]
     if "steps" not in axis_keys:
         header.append("steps")
-    header += ["tokens", "train FLOPs"]
+    header += ["tokens", "train FLOPs", "GPU-h", "USD"]
     ranges = [describe_param(p) for p in plan.searched.values()]
     rows = []
     for trial in plan.trials:
@@ -172,6 +247,7 @@ def format_plan(plan: SweepPlan) -> str:
         if "steps" not in axis_keys:
             row.append(str(trial.config.steps))
         row += [str(tokens_per_image(trial.config.model)), format_flops(trial.flops)]
+        row += [format_hours(trial.gpu_hours), format_usd(trial.usd)]
         rows.append(row)
 
     cells = len(plan.trials) // samples
@@ -226,8 +302,11 @@ def format_plan(plan: SweepPlan) -> str:
         passes = {"dino": "dino: teacher on 2 global crops, student on 2 global + local crops, heads",
                   "clip": "clip: image and text towers"}
         lines.append(f"  (extra passes counted: {'; '.join(passes[o] for o in objectives)})")
+    lines += cost_lines(plan)
+    lines += lr_lines(plan)
     if any(k == c or k.startswith(c) for k in plan.searched for c in COST_KEYS):
         lines.append("  (searched keys change the cost; the estimate uses the base train values)")
+    lines += sorted({describe_data(t.config.data) for t in plan.trials})
     lines.append(f"Retries: up to {spec.max_failures} per failed trial")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     where = uri if uri else f"{DEFAULT_TRACKING_URI} (MLFLOW_TRACKING_URI not set; file in the current directory)"

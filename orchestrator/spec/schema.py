@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.spec.cost import CostConfig
 from orchestrator.spec.dotted import get_dotted, set_dotted
 from orchestrator.spec.errors import SpecError
 from orchestrator.spec.overrides import (
@@ -205,6 +206,7 @@ class SweepSpec(Block):
     max_failures: int = Field(default=2, ge=0)
     max_concurrent: int | None = Field(default=None, ge=1)
     mlflow: MlflowConfig = MlflowConfig()
+    cost: CostConfig = CostConfig()  # the GPU and price --dry-run's time and money estimate assumes
     storage: str = Field(default="./ray_results", min_length=1)
 
     @field_validator("name")

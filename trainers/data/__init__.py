@@ -1,5 +1,5 @@
 """Data sources for the trainer: the generated 'shapes' set (with captions), CIFAR-10/100,
-ImageFolder, and image-text pairs (WebDataset shards, CSV) for CLIP.
+ImageFolder, class-labelled shards (jpg + cls, local or s3:// read in place), and image-text pairs (WebDataset shards, CSV) for CLIP.
 
     check_data(cfg)                      cheap preflight before Ray starts
     build_data(cfg, img_size=, seed=, device=) -> DataSource
@@ -82,6 +82,17 @@ def build_data(
             img_size=img_size,
             seed=seed,
             device=device,
+        )
+    if cfg.name == "shards":
+        # Read in place, local or s3:// (ranged GETs): no copy of the set on the node.
+        from .shards import build_shards
+
+        root = resolve_root(cfg)
+        if not is_s3(root):
+            check_local_layout(cfg.name, Path(root))
+        return build_shards(
+            root, img_size=img_size, seed=seed, device=device, num_workers=cfg.num_workers,
+            decode_mode=cfg.decode, augment=augment,
         )
     local = _local(cfg.name, resolve_root(cfg))
     check_local_layout(cfg.name, local)

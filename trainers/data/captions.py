@@ -8,7 +8,7 @@ clamped to [0, 1], as the renderer clamps it), so the words agree with the pixel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -47,34 +47,18 @@ def position_phrase(row: int, col: int) -> str:
     return f"at the {vertical}" if horizontal == "centre" else f"in the {vertical} {horizontal}"
 
 
-@dataclass(frozen=True)
-class ParameterLayout:
-    """Where the shapes generator keeps what a caption names, in its per-image parameter rows
-    (trainers/data/shapes.py builds it; passed in so that this module needs nothing from there)."""
-
-    shape_names: tuple[str, ...]
-    area_per_r2: tuple[float, ...]  # object area / extent^2, per shape kind
-    object_area: tuple[float, float]  # the range objects are drawn in, as a fraction of the image
-    cx: int
-    cy: int
-    extent: int
-    fg: slice  # object colour
-    bg: slice  # background base colour
-
-
-def captions(params: torch.Tensor, labels: torch.Tensor, layout: ParameterLayout) -> list[str]:
-    """One caption per row of a shapes parameter table (CPU tensors from shapes.draw_parameters)."""
-    params, labels = params.cpu(), labels.cpu()
-    area_per_r2 = torch.tensor(layout.area_per_r2)[labels]
-    area = params[:, layout.extent] ** 2 * area_per_r2  # before edge clipping, as drawn
-    low, high = layout.object_area
-    size = ((area - low) / (high - low) * 3).floor().clamp(0, 2).long().tolist()
+def describe(
+    shapes: Sequence[str], area: torch.Tensor, area_range: tuple[float, float], cx: torch.Tensor, cy: torch.Tensor,
+    colour: torch.Tensor, background: torch.Tensor,
+) -> list[str]:
+    """One caption per object: its shape name, area (thirds of area_range), centre (x, y in [0, 1],
+    y down), drawn colour and background colour (rgb [n, 3]). shapes.py passes its parameter columns."""
+    low, high = area_range
+    size = ((area.cpu() - low) / (high - low) * 3).floor().clamp(0, 2).long().tolist()
     # Columns and rows in thirds of the image; y grows downwards (row 0 is the top).
-    col = (params[:, layout.cx] * 3).floor().clamp(0, 2).long().tolist()
-    row = (params[:, layout.cy] * 3).floor().clamp(0, 2).long().tolist()
-    colour = colour_names(params[:, layout.fg].clamp(0.0, 1.0))
-    background = colour_names(params[:, layout.bg])
+    col = (cx.cpu() * 3).floor().clamp(0, 2).long().tolist()
+    row = (cy.cpu() * 3).floor().clamp(0, 2).long().tolist()
     return [
-        f"a {SIZE_WORDS[s]} {c} {layout.shape_names[k]} {position_phrase(r, x)} on a {b} background"
-        for s, c, k, r, x, b in zip(size, colour, labels.tolist(), row, col, background)
+        f"a {SIZE_WORDS[s]} {c} {shape} {position_phrase(r, x)} on a {b} background"
+        for s, c, shape, r, x, b in zip(size, colour_names(colour), shapes, row, col, colour_names(background))
     ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,33 +22,17 @@ from torch.utils.data import Dataset
 
 from .layout import DatasetNotFoundError, class_dirs
 from .real import RealSource, _imagefolder_transforms, _TrainClassesFolder, readable_class_names
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-Member = tuple[int, int]  # (offset of the data in the tar file, size in bytes)
+from .shards import IMAGE_EXTENSIONS, Member, scan_members  # the tar index shared with labelled shards
 
 
 def index_shard(path: Path) -> list[tuple[Member, Member]]:
     """(image, caption) members of every complete sample in one shard, in tar order."""
-    samples: dict[str, dict[str, Member]] = {}
-    with tarfile.open(path, "r:") as tar:  # uncompressed tar: the data offsets are seekable
-        for info in tar:
-            if not info.isfile() or "." not in Path(info.name).name:
-                continue
-            key, ext = _split_key(info.name)
-            samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
     pairs = []
-    for members in samples.values():
+    for members in scan_members(path).values():
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         if image is not None and "txt" in members:
             pairs.append((image, members["txt"]))
     return pairs
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """(key, extension): WebDataset's rule, the key is the path up to the first dot of the file name."""
-    folder, slash, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return folder + slash + stem, ext
 
 
 class ShardPairs(Dataset[tuple[Any, str]]):

@@ -30,6 +30,7 @@ HINTS = {
     "cifar10": "put torchvision's CIFAR-10 python files there (cifar-10-python.tar.gz, extracted)",
     "cifar100": "put torchvision's CIFAR-100 python files there (cifar-100-python.tar.gz, extracted)",
     "imagefolder": "expected the ImageNet layout: train/<class>/*.jpg and val/<class>/*.jpg",
+    "shards": "expected class-labelled shards (python -m trainers.data.shards write): classes.json, train/*.tar, val/*.tar",
     "webdataset": "expected WebDataset shards: *.tar files whose samples pair a .jpg with a .txt caption",
     "csv": "expected a CSV file with 'image' and 'caption' columns (image paths relative to the file)",
     "val_root": "expected labelled validation images in ImageFolder layout: <class>/*.jpg",
@@ -85,6 +86,13 @@ def check_local_layout(name: str, root: Path) -> None:
         missing = [f for f in files if not (root / folder / f).is_file()]
         if missing:
             raise DatasetNotFoundError(f"{name}: missing {', '.join(missing)} in {root / folder}; {HINTS[name]}")
+        return
+    if name == "shards":
+        for split in ("train", "val"):
+            if next((root / split).rglob("*.tar"), None) is None:
+                raise DatasetNotFoundError(f"shards: no *.tar shards under {root / split}; {HINTS[name]}")
+        if not (root / "classes.json").is_file():
+            raise DatasetNotFoundError(f"shards: no classes.json in {root}; {HINTS[name]}")
         return
     if name == "webdataset":
         if next(root.rglob("*.tar"), None) is None:

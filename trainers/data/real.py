@@ -5,6 +5,10 @@ passes (dataset index, sample seed) pairs, where the indices come from the epoch
 permutation (sampling.EpochOrder) and the seeds from (seed, step, position). Each sample's
 augmentation runs under its own seed, so the batch for step s is identical whether the
 run started at 0 or was resumed at s, and whatever the number of workers.
+
+Images travel as uint8 (PILToTensor, no float conversion in the workers: 4x fewer bytes
+through worker queues, pinned memory and the host-to-device copy) and are normalised on
+the device, after the copy (timm's prefetcher pattern).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import copy
 from itertools import count
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -111,7 +115,7 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
 def _cifar_transforms(name: str, img_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(train, eval) transforms: random crop and flip for training; resize only for evaluation."""
     resize = [transforms.Resize(img_size)] if img_size != 32 else []
-    tail = [transforms.ToTensor(), transforms.Normalize(*CIFAR_STATS[name])]
+    tail = [transforms.PILToTensor()]  # uint8: normalised on the device (RealSource.stats)
     train = transforms.Compose(
         resize
         + [
@@ -124,7 +128,7 @@ def _cifar_transforms(name: str, img_size: int) -> tuple[Callable[..., Any], Cal
 
 
 def _imagefolder_transforms(img_size: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    tail = [transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)]
+    tail = [transforms.PILToTensor()]  # uint8: normalised on the device (RealSource.stats)
     train = transforms.Compose(
         [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip()] + tail
     )
@@ -154,11 +158,22 @@ class RealSource:
         num_workers: int,
         class_names: list[str] | None = None,
         reference: Dataset[tuple[Any, int]] | None = None,
+        stats: tuple[Sequence[float], Sequence[float]] = IMAGENET_STATS,
+        seeded: bool = True,
+        collate: Callable[[list[Any]], Any] | None = None,
+        img_size: int | None = None,
     ) -> None:
+        """stats: (mean, std) applied on the device to uint8 images. seeded=False: the data sets
+        take (index, seed) keys themselves. collate: the loader's collate_fn; it may return
+        shards.EncodedBatch (JPEG bytes), decoded on the device at img_size."""
         self.num_classes = num_classes
         self.class_names = class_names or [str(i) for i in range(num_classes)]
-        self.reference = SeededSamples(reference) if reference is not None else None
-        self.train, self.val = SeededSamples(train), SeededSamples(val)
+        wrap: Callable[[Any], Any] = SeededSamples if seeded else (lambda d: d)
+        self.reference = wrap(reference) if reference is not None else None
+        self.train, self.val = wrap(train), wrap(val)
+        self.collate, self.img_size = collate, img_size
+        self.mean = torch.tensor(stats[0], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stats[1], device=device).view(1, 3, 1, 1)
         self.seed, self.device, self.num_workers = seed, device, num_workers
         self._order = EpochOrder(len(self.train), derive_seed(seed, "real", "order"))
         self._val_loaders: dict[int, DataLoader[Any]] = {}
@@ -171,17 +186,29 @@ class RealSource:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
+            collate_fn=self.collate,
             # The loader draws its worker base seed when iterated: take it from a private
             # generator, not from the trainer's global RNG stream.
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
         )
 
-    def _to_batch(self, images: torch.Tensor, labels: torch.Tensor | list[str]) -> Batch:
+    def _on_device(self, images: Any) -> torch.Tensor:
+        """float32 normalised images on the device from uint8 CPU images or JPEG bytes."""
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+        else:  # shards.EncodedBatch: decode (nvJPEG on CUDA) and crop on the device
+            images = images.decode(self.device, self.img_size)
+        if images.dtype != torch.uint8:
+            return images
+        return images.float().div_(255).sub_(self.mean).div_(self.std)
+
+    def _to_batch(self, images: Any, labels: torch.Tensor | list[str]) -> Batch:
+        pixels = self._on_device(images)
         if isinstance(labels, torch.Tensor):
-            return Batch(images, labels).to(self.device, non_blocking=True)
+            return Batch(pixels, labels.to(self.device, non_blocking=True))
         # Image-text pairs: the loader collates the captions into a list of strings.
-        unlabelled = torch.full((len(labels),), -1, dtype=torch.int64)
-        return Batch(images, unlabelled, captions=list(labels)).to(self.device, non_blocking=True)
+        unlabelled = torch.full((len(labels),), -1, dtype=torch.int64, device=self.device)
+        return Batch(pixels, unlabelled, captions=list(labels))
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
         sampler = StepBatchSampler(self._order, self.seed, start_step, batch_size)
@@ -211,6 +238,8 @@ class RealSource:
         if size > len(self.val):
             raise ValueError(f"probe batch of {size} images is larger than the val split ({len(self.val)} images)")
         samples = [self.val[(i, 0)] for i in range(size)]
+        if self.collate is not None:
+            return self._to_batch(*self.collate(samples))
         images = torch.stack([s[0] for s in samples])
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         return self._to_batch(images, labels)
@@ -253,5 +282,5 @@ def build_real(
         raise ValueError(f"unknown real data set {name!r}")
     return RealSource(
         train, val, num_classes=len(class_names), seed=seed, device=device, num_workers=num_workers,
-        class_names=class_names, reference=reference,
+        class_names=class_names, reference=reference, stats=CIFAR_STATS[name] if name in CIFAR_STATS else IMAGENET_STATS,
     )

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .base import Batch
-from .captions import ParameterLayout, captions
+from .captions import describe
 from .sampling import EpochOrder, derive_seed
 
 Tensor = torch.Tensor
@@ -89,12 +89,6 @@ OBJECT_AREA = (0.10, 0.30)  # fraction of the image an object covers, before edg
 CX, CY, EXTENT, ANGLE = 0, 1, 2, 3
 FG = slice(4, 7)  # object colour
 BG = slice(7, 10)  # background base colour
-CAPTION_LAYOUT = ParameterLayout(
-    shape_names=SHAPE_NAMES,
-    area_per_r2=tuple(SHAPES[name][1] for name in SHAPE_NAMES),
-    object_area=OBJECT_AREA,
-    cx=CX, cy=CY, extent=EXTENT, fg=FG, bg=BG,
-)
 GRAD_X, GRAD_Y = 10, 11  # background gradient: direction * strength
 GRAD_RGB = slice(12, 15)  # colour change along the gradient
 WAVE_X, WAVE_Y = 15, 16  # low-frequency wave vector, cycles per image
@@ -143,6 +137,21 @@ def draw_parameters(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor
     return p, labels
 
 
+def captions(params: Tensor, labels: Tensor) -> list[str]:
+    """One caption per parameter row (CPU), e.g. "a large red ring in the top left on a blue
+    background": the object colour as drawn (clamped to [0, 1], as the renderer clamps it)."""
+    area_per_r2 = torch.tensor([SHAPES[name][1] for name in SHAPE_NAMES])[labels]
+    return describe(
+        [SHAPE_NAMES[k] for k in labels.tolist()],
+        params[:, EXTENT] ** 2 * area_per_r2,  # object area before edge clipping
+        OBJECT_AREA,
+        params[:, CX],
+        params[:, CY],
+        params[:, FG].clamp(0.0, 1.0),
+        params[:, BG],
+    )
+
+
 class ShapesSource:
     """Procedural images of `num_classes` shape kinds with per-pixel masks."""
 
@@ -185,6 +194,11 @@ class ShapesSource:
         images = self._render("train", torch.arange(n), size=32, normalise=False).images
         self._mean = images.mean(dim=(0, 2, 3))
         self._std = images.std(dim=(0, 2, 3)).clamp(min=1e-3)
+
+    @property
+    def pixel_stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, std) per channel of the normalisation: device-side augmentation undoes it."""
+        return self._mean, self._std
 
     def _grid(self, size: int) -> tuple[Tensor, Tensor]:
         centres = (torch.arange(size, device=self.device, dtype=torch.float32) + 0.5) / size
@@ -238,7 +252,7 @@ class ShapesSource:
         return Batch(images, labels, masks, self._captions(split, rows, labels_cpu))
 
     def _captions(self, split: str, rows: Tensor, labels_cpu: Tensor) -> list[str]:
-        return captions(self._cpu_params[split][rows], labels_cpu, CAPTION_LAYOUT)
+        return captions(self._cpu_params[split][rows], labels_cpu)
 
     def reference_batches(self, count: int, batch_size: int) -> Iterator[Batch]:
         n = min(count, len(self._splits["train"][2]))

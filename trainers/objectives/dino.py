@@ -191,6 +191,8 @@ class DinoObjective(Objective):
             self.d.knn_k,
             self.d.knn_temperature,
         )
+        if top1 is None:  # no labelled training images (image-text data): no k-NN bank
+            return {}
         # val/top1 is each objective's own top-1 (here k-NN), so specs can name one metric for all.
         return {VAL_KNN_TOP1: top1, names.VAL_TOP1: top1}
 

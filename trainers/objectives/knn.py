@@ -22,6 +22,8 @@ def collect(features: Features, batches: Iterable[Batch]) -> tuple[torch.Tensor,
     for batch in batches:
         feats.append(F.normalize(features(batch.images).float(), dim=-1))
         labels.append(batch.labels)
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -39,8 +41,11 @@ def knn_predict(
 
 def knn_top1(
     features: Features, bank: Iterable[Batch], queries: Iterable[Batch], num_classes: int, k: int, temperature: float
-) -> float:
+) -> float | None:
+    """Top-1 on the queries; None when the bank is empty (image-text data has no labelled training images)."""
     train, train_labels = collect(features, bank)
+    if train.shape[0] == 0:
+        return None
     test, test_labels = collect(features, queries)
     predicted = knn_predict(train, train_labels, test, num_classes, k, temperature)
     return float((predicted == test_labels).float().mean())

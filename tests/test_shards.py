@@ -1,0 +1,253 @@
+"""Class-labelled shards: the writer round trip, step-addressed reads and exact resume, the
+device-decode path run on the CPU, uint8 travel with on-device normalisation, streaming from
+the loopback S3 server by ranged GETs, and `bench data`."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainers.config import DataConfig
+from trainers.data import DatasetNotFoundError, build_data, check_data
+from trainers.data.shards import INDEX_SUFFIX, ShardImages, main as shards_main, open_split, scan_members
+
+CPU = torch.device("cpu")
+CLASSES = ("ant", "bee", "cat")
+
+
+def write_jpeg_tree(root: Path, per_class: int = 4, png_too: bool = False) -> None:
+    """train/<class>/*.jpg (3 per class in val), real JPEGs of different sizes; one PNG if asked."""
+    rng = np.random.default_rng(7)
+    for split, count in (("train", per_class), ("val", 3)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+                picture = Image.fromarray(coarse).resize((40 + 4 * i, 30 + 2 * i), Image.BICUBIC)
+                picture.save(root / split / c / f"{i}.jpg", quality=90)
+    if png_too:
+        smooth = Image.fromarray(rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)).resize((24, 20), Image.BICUBIC)
+        smooth.save(root / "train" / "ant" / "z.png")
+
+
+def batch_at(source, step: int, batch_size: int, start: int = 0):
+    return next(islice(source.train_batches(start, batch_size), step - start, None))
+
+
+def assert_same(a, b) -> None:
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    assert torch.equal(a.labels, b.labels)
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    write_jpeg_tree(tmp_path / "tree")
+    assert shards_main(["write", str(tmp_path / "tree"), str(tmp_path / "shards"), "--shard-size", "5"]) == 0
+    return tmp_path / "shards"
+
+
+def shards_source(root: str, seed: int = 0, **overrides):
+    cfg = DataConfig(name="shards", root=root, **{"num_workers": 0, **overrides})
+    return build_data(cfg, img_size=16, seed=seed, device=CPU)
+
+
+def test_writer_round_trips_the_jpeg_bytes_and_labels(tmp_path: Path) -> None:
+    write_jpeg_tree(tmp_path / "tree", png_too=True)
+    shards_main(["write", str(tmp_path / "tree"), str(tmp_path / "out"), "--shard-size", "5"])
+    out = tmp_path / "out"
+    assert json.loads((out / "classes.json").read_text())["classes"] == list(CLASSES)
+    # 13 train images in shards of 5 -> 3 shards, each with an index; 9 val images -> 2.
+    assert len(list((out / "train").glob("*.tar"))) == 3 and len(list((out / "val").glob("*.tar"))) == 2
+    for split in ("train", "val"):
+        expected = [(p, CLASSES.index(c)) for c in CLASSES for p in sorted((tmp_path / "tree" / split / c).iterdir())]
+        data = ShardImages(open_split(str(out), split), img_size=16, train=False, decode_on_device=True)
+        assert len(data) == len(expected)
+        for i, (path, label) in enumerate(expected):
+            encoded, got_label = data.encoded(i)
+            assert got_label == label
+            if path.suffix == ".jpg":
+                assert encoded.numpy().tobytes() == path.read_bytes()  # JPEGs kept bit for bit
+            else:  # a PNG is re-encoded as JPEG (quality 95): the same picture, nearly
+                from torchvision.io import decode_jpeg
+
+                decoded = decode_jpeg(encoded).permute(1, 2, 0).float()
+                original = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()
+                assert decoded.shape == original.shape and (decoded - original).abs().mean() < 10
+    # The index holds the tar's own offsets, and the members are WebDataset jpg + cls pairs.
+    shard = out / "train" / "shard-000000.tar"
+    members = scan_members(shard)
+    index = json.loads(shard.with_name(shard.name + INDEX_SUFFIX).read_text())["samples"]
+    assert [[k, *members[k]["jpg"]] for k in members] == [row[:3] for row in index]
+    with tarfile.open(shard) as tar:
+        assert tar.getnames()[:2] == ["000000000.jpg", "000000000.cls"]
+        assert tar.extractfile("000000000.cls").read() == b"0"
+
+
+def test_shards_batches_are_step_addressed_and_resume_exactly(sharded: Path) -> None:
+    source = shards_source(str(sharded), seed=3)
+    assert source.num_classes == 3 and source.class_names == list(CLASSES)
+    # 12 train images, batches of 5: steps 2 and 4 straddle epochs.
+    from_start = list(islice(source.train_batches(0, 5), 5))
+    for step in (2, 4):
+        assert_same(from_start[step], batch_at(shards_source(str(sharded), seed=3), step, 5, start=step))
+    assert from_start[0].images.shape == (5, 3, 16, 16) and from_start[0].images.dtype == torch.float32
+    # Whatever the number of workers, and whether decoding runs in the workers or on the device.
+    with_workers = shards_source(str(sharded), seed=3, num_workers=2)
+    assert_same(from_start[4], batch_at(with_workers, 4, 5, start=4))
+    on_device = shards_source(str(sharded), seed=3, decode="gpu")  # the device path, on the CPU here
+    assert_same(from_start[2], batch_at(on_device, 2, 5, start=2))
+    assert_same(source.probe_batch(4), on_device.probe_batch(4))
+    assert_same(source.probe_batch(9), next(source.val_batches(9)))
+    # One epoch visits every image once; another seed gives other crops.
+    labels = torch.cat([b.labels for b in islice(source.train_batches(0, 4), 3)])
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert not torch.equal(from_start[0].images, batch_at(shards_source(str(sharded), seed=4), 0, 5).images)
+
+
+def test_device_decode_path_equals_worker_decode_path_function_by_function(sharded: Path) -> None:
+    """The GPU path is decode(list, device) + views on the device. With device='cpu' it must
+    give the worker path's uint8 views exactly (no CUDA here: the nvJPEG call itself is untested)."""
+    from trainers.data.shards import EncodedBatch, collate
+
+    worker = ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=False)
+    device = ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=True)
+    keys = [(i, 1000 + i) for i in range(len(worker))]
+    images, labels = collate([worker[k] for k in keys])
+    encoded, labels2 = collate([device[k] for k in keys])
+    assert isinstance(encoded, EncodedBatch) and images.dtype == torch.uint8
+    assert torch.equal(encoded.decode(CPU, 16), images) and torch.equal(labels, labels2)
+
+
+def test_uint8_travel_with_normalisation_on_the_device_matches_the_float_path(tmp_path: Path) -> None:
+    """ImageFolder now sends uint8 and normalises after the copy; the old float path
+    (ToTensor + Normalize in the worker) gives the same tensors."""
+    from torchvision import transforms
+
+    from trainers.data.real import IMAGENET_STATS
+
+    write_jpeg_tree(tmp_path)
+    source = build_data(DataConfig(name="imagefolder", root=str(tmp_path), num_workers=0), img_size=16, seed=0, device=CPU)
+    old = transforms.Compose([
+        transforms.Resize(round(16 / 0.875)), transforms.CenterCrop(16), transforms.ToTensor(),
+        transforms.Normalize(*IMAGENET_STATS),
+    ])
+    paths = [p for c in CLASSES for p in sorted((tmp_path / "val" / c).iterdir())]
+    expected = torch.stack([old(Image.open(p).convert("RGB")) for p in paths])
+    probe = source.probe_batch(len(paths))
+    assert probe.images.dtype == torch.float32
+    torch.testing.assert_close(probe.images, expected, rtol=0, atol=1e-6)
+    # Training batches too: same crops as before (seeded per sample), only the normalisation moved.
+    batch = batch_at(source, 0, 4)
+    assert batch.images.min() < -1.5 and batch.images.max() > 1.5
+
+
+def test_check_data_names_what_a_shard_root_lacks(tmp_path: Path, sharded: Path) -> None:
+    check_data(DataConfig(name="shards", root=str(sharded)))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="no \\*.tar shards under .*empty/train"):
+        check_data(DataConfig(name="shards", root=str(tmp_path / "empty")))
+
+
+def test_trainer_trains_on_shards(sharded: Path) -> None:
+    from trainers.config import ModelConfig, OptimConfig, ProbeConfig, TrainConfig
+    from trainers.loop import Trainer
+
+    cfg = TrainConfig(
+        model=ModelConfig(size="micro", img_size=16, patch_size=4, num_registers=2),
+        data=DataConfig(name="shards", root=str(sharded), num_workers=0),
+        optim=OptimConfig(batch_size=4), probe=ProbeConfig(every=0, at_end=False), steps=2, eval_every=2,
+    )
+    metrics = Trainer(cfg, CPU).fit()
+    assert np.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_shards_stream_from_s3_by_ranged_gets_without_a_copy(s3, s3_client, sharded: Path, tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VIT_DATA_CACHE", str(cache))
+    s3_client.create_bucket(Bucket="data")
+    for path in sorted(sharded.rglob("*")):
+        if path.is_file():
+            s3_client.upload_file(str(path), "data", f"in1k-tiny/{path.relative_to(sharded)}")
+    del s3.requests[:]
+    root = "s3://data/in1k-tiny"
+    check_data(DataConfig(name="shards", root=root))
+    remote = shards_source(root, seed=3)
+    local = shards_source(str(sharded), seed=3)
+    for step in (0, 3):
+        assert_same(batch_at(local, step, 5, start=step), batch_at(remote, step, 5, start=step))
+    assert_same(local.probe_batch(6), remote.probe_batch(6))
+    # Every read of a shard is a ranged GET of one image, never the whole file; nothing is mirrored.
+    shard_gets = [r for r in s3.requests if r.method == "GET" and r.path.endswith(".tar")]
+    assert shard_gets and all(r.range and r.range.startswith("bytes=") for r in shard_gets)
+    fetched = sum(int(b) - int(a) + 1 for a, b in (r.range[6:].split("-") for r in shard_gets))
+    images_read = 2 * 5 + 6
+    total = sum(p.stat().st_size for p in sharded.rglob("*.tar"))
+    assert len(shard_gets) == images_read and fetched < total / 2
+    assert not cache.exists()
+
+
+def test_bench_data_prints_both_rates_and_one_json_line(capsys) -> None:
+    from orchestrator.bench.__main__ import main
+
+    argv = ["data", "--images", "24", "--batch", "4", "--steps", "2", "--warmup", "1", "--workers", "0",
+            "--img", "16", "--patch", "4", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "data" and result["config"]["decode"] == "cpu"
+    assert result["pipeline_imgs_per_s"] > 0 and result["trainer_imgs_per_s"] > 0
+    assert result["input_bound"] == (result["pipeline_imgs_per_s"] < result["trainer_imgs_per_s"])
+    assert any(line.startswith("pipeline") for line in lines) and any(line.startswith("trainer") for line in lines)
+
+
+def test_the_plan_says_how_shards_are_read_and_what_resume_guarantees() -> None:
+    from orchestrator.spec.plan import describe_data
+
+    line = describe_data(DataConfig(name="shards", root="s3://bucket/in1k"))
+    assert "ranged GETs, no copy" in line and "resume exact" in line
+    assert "synced once" in describe_data(DataConfig(name="imagefolder", root="s3://bucket/in1k"))
+
+
+def test_index_command_rebuilds_the_writer_index_and_s3_without_one_is_named(sharded: Path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    indexes = sorted(sharded.rglob("*" + INDEX_SUFFIX))
+    written = [p.read_text() for p in indexes]
+    for path in indexes:
+        path.unlink()
+    # Locally a missing index is built from the tar headers on the fly: the same samples.
+    assert len(ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=True)) == 12
+    run = subprocess.run(
+        [sys.executable, "-m", "trainers.data.shards", "index", str(sharded)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "indexed 5 shards" in run.stdout
+    assert [p.read_text() for p in indexes] == written
+
+
+@pytest.mark.slow
+def test_s3_shards_without_an_index_fail_with_the_command_that_writes_it(s3, s3_client, sharded: Path) -> None:
+    s3_client.create_bucket(Bucket="data")
+    for path in sorted(sharded.rglob("*")):
+        if path.is_file() and not path.name.endswith(INDEX_SUFFIX):
+            s3_client.upload_file(str(path), "data", f"noindex/{path.relative_to(sharded)}")
+    with pytest.raises(DatasetNotFoundError, match=r"no index s3://data/noindex/train/shard-000000.tar.idx.json.*shards index"):
+        shards_source("s3://data/noindex")
+
+
+def test_local_reads_keep_a_bounded_number_of_shards_open(sharded: Path, monkeypatch) -> None:
+    import trainers.data.shards as shards
+
+    monkeypatch.setattr(shards, "OPEN_SHARDS", 2)
+    data = ShardImages(open_split(str(sharded), "train"), img_size=16, train=True, decode_on_device=True)
+    first = [data.encoded(i)[0] for i in range(len(data))]  # 3 shards, read in turn
+    assert len(data.shards._files) == 2
+    assert all(torch.equal(a, data.encoded(i)[0]) for i, a in reversed(list(enumerate(first))))
