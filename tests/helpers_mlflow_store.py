@@ -92,6 +92,7 @@ def write_sweep(
                 "axis.num_registers": str(num_registers),
                 "axis.steps": str(steps),
                 "axis.seed": str(seed),
+                "axis.objective": "supervised",
             },
         )
         params = [
