@@ -58,6 +58,10 @@ def build_data(cfg: DataConfig, *, img_size: int, seed: int, device: "torch.devi
             img_size=img_size,
             seed=seed,
             device=device,
+            kinds=cfg.shape_kinds,
+            object_area=cfg.object_area,
+            rotation=cfg.rotation,
+            colours=cfg.colours,
         )
     root = resolve_root(cfg)
     if is_s3(root):
