@@ -43,6 +43,11 @@ class ModelConfig(Strict):
     num_registers: int = Field(default=0, ge=0, strict=True)
     mlp_ratio: float = Field(default=4.0, gt=0)
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    weight_init: Literal["timm", "jax"] = Field(
+        default="timm",
+        description="'timm': truncated normal (std 0.02), as DeiT-III and DINOv2 train; 'jax': the original "
+        "ViT's (xavier-uniform linear layers, zero head), with which small ViTs leave their initial plateau sooner",
+    )
 
     @model_validator(mode="after")
     def _check_dims(self) -> "ModelConfig":

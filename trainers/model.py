@@ -29,6 +29,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
         no_embed_class=True,  # position embeddings for patches only, never for [CLS] or registers
         global_pool="token",  # classify from [CLS]; registers are dropped at the output
         drop_path_rate=cfg.drop_path_rate,
+        # Linear layers only; position embedding, [CLS] and registers are initialised alike in both modes.
+        weight_init="" if cfg.weight_init == "timm" else cfg.weight_init,
     )
 
 
