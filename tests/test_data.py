@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.config import DataConfig
+from trainers.config import SHAPE_KINDS, DataConfig
 from trainers.data import DatasetNotFoundError, build_data, check_data
 from trainers.data.sampling import EpochOrder
-from trainers.data.shapes import MAX_CLASSES
+from trainers.data.shapes import ANGLE, MAX_CLASSES, SHAPE_NAMES, draw_parameters
 
 CPU = torch.device("cpu")
 
 
-def shapes(seed: int = 0, **overrides: int):
+def shapes(seed: int = 0, **overrides):
     cfg = DataConfig(name="shapes", **{"num_classes": 6, "train_size": 40, "val_size": 24, **overrides})
     return build_data(cfg, img_size=32, seed=seed, device=CPU)
 
@@ -99,6 +99,73 @@ def test_shapes_are_normalised_and_val_pass_is_fixed() -> None:
 def test_shapes_rejects_too_many_classes() -> None:
     with pytest.raises(ValueError, match=f"at most|2 to {MAX_CLASSES}"):
         shapes(num_classes=MAX_CLASSES + 1)
+
+
+def test_shape_kinds_in_the_config_match_the_generator() -> None:
+    assert SHAPE_KINDS == SHAPE_NAMES
+    assert DataConfig(num_classes=3).shape_kinds == SHAPE_NAMES[:3]
+    assert DataConfig(num_classes=2, shapes=["star", "bar"]).shape_kinds == ("star", "bar")
+
+
+def test_shapes_default_draw_is_the_original_data_set() -> None:
+    # The knobs' defaults draw exactly the original parameters: same seed, same images as before
+    # (the pinned values are those of the generator before the knobs existed).
+    params, labels = draw_parameters(64, 6, seed=11)
+    assert labels[:8].tolist() == [1, 4, 2, 0, 3, 1, 5, 1]
+    assert params[0, :4].tolist() == pytest.approx([0.3554, 0.3372, 0.2780, -0.2896], abs=1e-4)
+    assert float(params.sum()) == pytest.approx(496.633, abs=1e-3)
+    assert torch.equal(draw_parameters(64, 6, seed=11, kinds=SHAPE_NAMES[:6], object_area=(0.10, 0.30))[0], params)
+    easy, easy_labels = draw_parameters(64, 6, seed=11, rotation=0.0, colours="light_on_dark")
+    assert torch.equal(easy_labels, labels) and not torch.equal(easy, params)
+
+
+def test_shapes_classes_are_the_listed_kinds_in_order() -> None:
+    # Upright bars are wide and flat, discs are round: class 0 must be the bar, class 1 the disc.
+    source = shapes(num_classes=2, shapes=["bar", "disc"], rotation=0.0, object_area=(0.2, 0.3), val_size=32)
+    batch = source.probe_batch(32)
+    for mask, label in zip(batch.masks, batch.labels):
+        rows, cols = (mask > 0).nonzero(as_tuple=True)
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        if int(label) == 0:
+            assert width >= 2 * height
+        else:
+            assert abs(width - height) <= 1
+        assert set(mask[mask > 0].tolist()) == {int(label) + 1}
+
+
+def test_shapes_upright_and_object_area() -> None:
+    params, _ = draw_parameters(200, 8, seed=2, rotation=0.0)
+    assert torch.all(params[:, ANGLE] == 0)
+    source = shapes(num_classes=6, object_area=(0.2, 0.35), val_size=128)
+    covered = (source.probe_batch(128).masks > 0).float().mean(dim=(1, 2))
+    # Pixelised areas, and a large object near the edge loses a sliver: a little slack either side.
+    assert covered.min() > 0.15 and covered.max() < 0.4 and 0.22 < covered.mean() < 0.33
+
+
+def test_shapes_light_on_dark_object_is_brighter_than_its_background_in_every_channel() -> None:
+    source = shapes(colours="light_on_dark", val_size=64)
+    batch = source.probe_batch(64)
+    for image, mask in zip(batch.images, batch.masks):
+        obj, background = image[:, mask > 0], image[:, mask == 0]
+        # Normalisation is a per-channel affine map with a positive scale: order is preserved.
+        assert torch.all(obj.min(dim=1).values > background.max(dim=1).values)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"shapes": ["disc", "ring"]}, "shapes lists 2 kinds but num_classes is 6"),
+        ({"shapes": ["disc", "disc", "ring", "bar", "star", "cross"]}, "lists a kind twice"),
+        ({"shapes": ["disc", "blob", "ring", "bar", "star", "cross"]}, "'disc', 'square'"),
+        ({"object_area": (0.3, 0.6)}, "object_area must satisfy"),
+        ({"object_area": (0.3, 0.2)}, "object_area must satisfy"),
+        ({"rotation": 1.5}, "less than or equal to 1"),
+        ({"colours": "pastel"}, "'random' or 'light_on_dark'"),
+    ],
+)
+def test_bad_shapes_settings_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataConfig(num_classes=6, **overrides)
 
 
 # --- tiny real data sets in their on-disk formats ------------------------------------------

@@ -62,3 +62,23 @@ def test_bad_model_configs_are_rejected() -> None:
         ModelConfig(num_registers=-1)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         ModelConfig(img_size=30, patch_size=8)
+
+
+def test_weight_init_modes() -> None:
+    # 'timm' (the default) is timm's truncated normal, std 0.02, as before the option existed;
+    # 'jax' is the original ViT's: xavier-uniform linear layers and a zero head. Position
+    # embedding, [CLS] and registers start alike in both.
+    cfg = ModelConfig(size="micro", img_size=32, patch_size=8, num_registers=4)
+    torch.manual_seed(0)
+    timm_init = build_model(cfg, num_classes=6)
+    torch.manual_seed(0)
+    jax_init = build_model(cfg.model_copy(update={"weight_init": "jax"}), num_classes=6)
+    qkv = jax_init.blocks[0].attn.qkv.weight.detach()
+    assert float(timm_init.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+    assert float(qkv.std()) == pytest.approx((2 / sum(qkv.shape)) ** 0.5, rel=0.1)  # xavier-uniform
+    assert torch.all(jax_init.head.weight == 0) and timm_init.head.weight.abs().max() > 0
+    for model in (timm_init, jax_init):
+        assert model.reg_token.std() < 1e-5 and model.cls_token.std() < 1e-5
+        assert float(model.pos_embed.detach().std()) == pytest.approx(0.02, rel=0.2)
+    with pytest.raises(ValueError, match="'timm' or 'jax'"):
+        ModelConfig(size="micro", weight_init="xavier")

@@ -91,8 +91,8 @@ def test_dry_run_text_lists_every_trial_and_the_totals(monkeypatch: pytest.Monke
         assert column in header
     rows = [line for line in lines if line[:1].isdigit()]
     assert len(rows) == len(plan.trials) == 24
-    assert rows[-1].split()[:4] == ["23", "16", "mini", "120"]
-    assert rows[-1].split()[5] == str(64 + 1 + 16)  # tokens: patches + [CLS] + registers
+    assert rows[-1].split()[:4] == ["23", "16", "mini", "300"]
+    assert rows[-1].split()[5] == str(16 + 1 + 16)  # tokens: 16 patches (8x8 px) + [CLS] + registers
     assert "24 trials = 24 grid cells x 1 seed" in text
     assert "1 CPU, 0 GPU per trial; all 24 at once: 24 CPU, 0 GPU" in text
     assert "at most 2 trials at once: 2 CPU, 0 GPU" in text

@@ -8,7 +8,7 @@ They import nothing from Ray or MLflow: a notebook can build a TrainConfig by ha
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +49,11 @@ class ModelConfig(Strict):
     layer_scale: float | None = Field(
         default=None, gt=0, description="LayerScale init value (DeiT-III: 1e-4 in its code, timm's deit3: 1e-6); null = off"
     )
+    weight_init: Literal["timm", "jax"] = Field(
+        default="timm",
+        description="'timm': truncated normal (std 0.02), as DeiT-III and DINOv2 train; 'jax': the original "
+        "ViT's (xavier-uniform linear layers, zero head), with which small ViTs leave their initial plateau sooner",
+    )
 
     @model_validator(mode="after")
     def _check_dims(self) -> "ModelConfig":
@@ -87,6 +92,11 @@ class ModelConfig(Strict):
 CAPTIONED_DATA = ("shapes", "webdataset", "csv")
 LABELLED_DATA = ("shapes", "cifar10", "cifar100", "imagefolder", "shards")
 
+# The shape kinds of the generated 'shapes' set, in their default class order
+# (trainers/data/shapes.py draws them; listed here so that a spec is checked without torch).
+ShapeKind = Literal["disc", "square", "triangle", "ring", "cross", "diamond", "bar", "star"]
+SHAPE_KINDS: tuple[str, ...] = get_args(ShapeKind)
+
 
 class DataConfig(Strict):
     name: Literal["shapes", "cifar10", "cifar100", "imagefolder", "shards", "webdataset", "csv"] = "shapes"
@@ -102,12 +112,42 @@ class DataConfig(Strict):
     num_classes: int = Field(default=6, ge=2)
     train_size: int = Field(default=8192, gt=0, description="shapes: distinct training images before they repeat")
     val_size: int = Field(default=512, gt=0)
+    shapes: list[ShapeKind] | None = Field(
+        default=None, description="shapes: the kind of each class, in class order; default the first num_classes kinds"
+    )
+    object_area: tuple[float, float] = Field(
+        default=(0.10, 0.30), description="shapes: range of the fraction of the image an object covers"
+    )
+    rotation: float = Field(default=1.0, ge=0, le=1, description="shapes: fraction of each kind's rotation range; 0 = upright")
+    colours: Literal["random", "light_on_dark"] = Field(
+        default="random",
+        description="shapes: 'random' object and background colours (the object is darker or lighter); "
+        "'light_on_dark' light objects on dark backgrounds",
+    )
     num_workers: int = Field(default=2, ge=0, description="DataLoader workers for real data")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
         description="shards: where JPEGs are decoded and cropped; gpu = batched torchvision decode_jpeg on the "
         "trainer's device (nvJPEG), cpu = in the DataLoader workers; auto = gpu on CUDA",
     )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "DataConfig":
+        lo, hi = self.object_area
+        # Background must stay most of the image: the paper finds artifacts on redundant background patches.
+        if not 0 < lo <= hi <= 0.5:
+            raise ValueError(f"object_area must satisfy 0 < low <= high <= 0.5; got {list(self.object_area)}")
+        if self.shapes is not None:
+            if len(set(self.shapes)) != len(self.shapes):
+                raise ValueError(f"shapes lists a kind twice: {self.shapes}")
+            if len(self.shapes) != self.num_classes:
+                raise ValueError(f"shapes lists {len(self.shapes)} kinds but num_classes is {self.num_classes}")
+        return self
+
+    @property
+    def shape_kinds(self) -> tuple[str, ...]:
+        """The 'shapes' kind of each class: `shapes` if given, else the first num_classes kinds."""
+        return tuple(self.shapes) if self.shapes is not None else SHAPE_KINDS[: self.num_classes]
 
 
 class OptimConfig(Strict):

@@ -36,6 +36,8 @@ def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = 
         drop_path_rate=cfg.drop_path_rate,
         dynamic_img_size=dynamic_img_size,
         init_values=cfg.layer_scale,  # LayerScale (ls1, ls2 per block) when set; timm leaves it out for None
+        # Linear layers only; position embedding, [CLS] and registers are initialised alike in both modes.
+        weight_init="" if cfg.weight_init == "timm" else cfg.weight_init,
     )
     if cfg.drop_path_mode == "uniform" and cfg.drop_path_rate > 0:
         # timm spreads drop_path_rate linearly over depth (0 in the first block); DeiT-III's

@@ -82,6 +82,10 @@ def build_data(
             img_size=img_size,
             seed=seed,
             device=device,
+            kinds=cfg.shape_kinds,
+            object_area=cfg.object_area,
+            rotation=cfg.rotation,
+            colours=cfg.colours,
         )
     if cfg.name == "shards":
         # Read in place, local or s3:// (ranged GETs): no copy of the set on the node.

@@ -6,6 +6,12 @@ position and rotation vary. Most of each image is redundant background on purpos
 paper finds artifact tokens on such patches. Each image also has a per-pixel mask
 (0 background, c + 1 on the object of class c), so dense metrics are possible.
 
+How hard it is to learn is set by DataConfig: which kinds are the classes, the object's
+area range, how far it may rotate and whether colours are random (the object may be
+darker or lighter than the background, so a model must learn contrast in any direction)
+or light objects on dark backgrounds. On a CPU budget, small ViTs learn large, upright,
+light-on-dark objects within a few hundred steps, and stay near chance on random colours.
+
 Every image's parameters are drawn once at construction with a CPU torch.Generator
 seeded from (seed, split); a batch is then rendered on the target device from its
 parameter rows by broadcasting over a pixel grid (one loop over shape kinds, none over
@@ -81,9 +87,13 @@ SHAPES: dict[str, tuple[ShapeTest, float, float]] = {
     "bar": (_bar, 1.4, math.pi),
     "star": (_star, 0.44 * math.pi, math.pi),
 }
-SHAPE_NAMES = tuple(SHAPES)
+SHAPE_NAMES = tuple(SHAPES)  # trainers.config.SHAPE_KINDS lists them too, for specs checked without torch
 MAX_CLASSES = len(SHAPES)
-OBJECT_AREA = (0.10, 0.30)  # fraction of the image an object covers, before edge clipping
+OBJECT_AREA = (0.10, 0.30)  # default fraction of the image an object covers, before edge clipping
+# 'light_on_dark' colours, per channel: every channel of the object is above every channel of the
+# background's base colour, so brightness alone tells object from background.
+LIGHT_OBJECT = (0.7, 1.0)
+DARK_BACKGROUND = (0.1, 0.45)
 
 # Columns of the per-image parameter table.
 CX, CY, EXTENT, ANGLE = 0, 1, 2, 3
@@ -97,8 +107,24 @@ WAVE_RGB = slice(18, 21)  # wave amplitude per channel
 NUM_PARAMS = 21
 
 
-def draw_parameters(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(params float32 [n, NUM_PARAMS], labels int64 [n]) on CPU, a pure function of the arguments."""
+def draw_parameters(
+    n: int,
+    num_classes: int,
+    seed: int,
+    *,
+    kinds: tuple[str, ...] | None = None,
+    object_area: tuple[float, float] = OBJECT_AREA,
+    rotation: float = 1.0,
+    colours: str = "random",
+) -> tuple[Tensor, Tensor]:
+    """(params float32 [n, NUM_PARAMS], labels int64 [n]) on CPU, a pure function of the arguments.
+
+    Class c is the shape kind kinds[c] (default: the first num_classes kinds); `rotation`
+    scales each kind's rotation range. The defaults draw exactly what earlier versions drew.
+    """
+    kinds = kinds if kinds is not None else SHAPE_NAMES[:num_classes]
+    if len(kinds) != num_classes:
+        raise ValueError(f"{len(kinds)} shape kinds for {num_classes} classes")
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(lo: float, hi: float, *shape: int) -> Tensor:
@@ -106,18 +132,19 @@ def draw_parameters(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor
 
     # Balanced classes, in random order.
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
-    area_per_r2 = torch.tensor([SHAPES[name][1] for name in SHAPE_NAMES])[labels]
-    max_angle = torch.tensor([SHAPES[name][2] for name in SHAPE_NAMES])[labels]
+    area_per_r2 = torch.tensor([SHAPES[name][1] for name in kinds])[labels]
+    max_angle = rotation * torch.tensor([SHAPES[name][2] for name in kinds])[labels]
 
     p = torch.empty(n, NUM_PARAMS)
-    p[:, EXTENT] = torch.sqrt(uniform(*OBJECT_AREA) / area_per_r2)
+    p[:, EXTENT] = torch.sqrt(uniform(*object_area) / area_per_r2)
     # Keep the centre far enough in that at most a sliver of a large object is clipped.
     margin = 0.9 * p[:, EXTENT].clamp(max=0.5)
     p[:, CX] = margin + (1 - 2 * margin) * torch.rand(n, generator=gen)
     p[:, CY] = margin + (1 - 2 * margin) * torch.rand(n, generator=gen)
     p[:, ANGLE] = max_angle * uniform(-1.0, 1.0)
 
-    bg = uniform(0.15, 0.85, 3)
+    light_on_dark = colours == "light_on_dark"
+    bg = uniform(*DARK_BACKGROUND, 3) if light_on_dark else uniform(0.15, 0.85, 3)
     p[:, BG] = bg
     grad_angle = uniform(0.0, 2 * math.pi)
     p[:, [GRAD_X, GRAD_Y]] = uniform(0.0, 1.0, 1) * torch.stack([grad_angle.cos(), grad_angle.sin()], 1)
@@ -127,6 +154,9 @@ def draw_parameters(n: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor
     p[:, WAVE_PHASE] = uniform(0.0, 2 * math.pi)
     p[:, WAVE_RGB] = uniform(0.0, 0.08, 3)
 
+    if light_on_dark:
+        p[:, FG] = uniform(*LIGHT_OBJECT, 3)
+        return p, labels
     # A random object colour, unless it is too close to the background: then a colour
     # pushed away from the background in every channel.
     candidate = uniform(0.0, 1.0, 3)
@@ -153,7 +183,11 @@ def captions(params: Tensor, labels: Tensor) -> list[str]:
 
 
 class ShapesSource:
-    """Procedural images of `num_classes` shape kinds with per-pixel masks."""
+    """Procedural images of `num_classes` shape kinds with per-pixel masks.
+
+    kinds, object_area, rotation and colours are draw_parameters' (DataConfig's shapes,
+    object_area, rotation and colours); their defaults keep the original data set.
+    """
 
     has_masks = True
 
@@ -166,12 +200,17 @@ class ShapesSource:
         img_size: int,
         seed: int,
         device: torch.device,
+        kinds: tuple[str, ...] | None = None,
+        object_area: tuple[float, float] = OBJECT_AREA,
+        rotation: float = 1.0,
+        colours: str = "random",
     ) -> None:
         if not 2 <= num_classes <= MAX_CLASSES:
             raise ValueError(
                 f"shapes supports 2 to {MAX_CLASSES} classes ({', '.join(SHAPE_NAMES)}); got num_classes={num_classes}"
             )
         self.num_classes = num_classes
+        self.kinds = tuple(kinds) if kinds is not None else SHAPE_NAMES[:num_classes]
         self.img_size = img_size
         self.seed = seed
         self.device = device
@@ -179,7 +218,15 @@ class ShapesSource:
         self._cpu_params: dict[str, Tensor] = {}
         self.class_names = list(SHAPE_NAMES[:num_classes])
         for split, size in (("train", train_size), ("val", val_size)):
-            params, labels = draw_parameters(size, num_classes, derive_seed(seed, "shapes", split))
+            params, labels = draw_parameters(
+                size,
+                num_classes,
+                derive_seed(seed, "shapes", split),
+                kinds=self.kinds,
+                object_area=object_area,
+                rotation=rotation,
+                colours=colours,
+            )
             # Labels stay on the CPU too, so that grouping a batch by shape kind needs no device sync.
             self._splits[split] = (params.to(device), labels.to(device), labels)
             self._cpu_params[split] = params  # captions are read on the host, without a device sync
@@ -231,7 +278,7 @@ class ShapesSource:
         inside = torch.zeros(u.shape, dtype=torch.bool, device=self.device)
         for k in torch.unique(labels_cpu).tolist():
             idx = self._to_device((labels_cpu == k).nonzero().squeeze(1))
-            inside[idx] = SHAPES[SHAPE_NAMES[k]][0](u[idx], v[idx])
+            inside[idx] = SHAPES[self.kinds[k]][0](u[idx], v[idx])
 
         # Background = colour + linear gradient + one low-frequency wave. The wave
         # cos(a x + b y + phase) is expanded into separable row and column factors so that
