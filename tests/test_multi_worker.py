@@ -75,8 +75,7 @@ def test_plan_refuses_what_workers_cannot_train(tmp_path: Path) -> None:
         make_plan(spec_with(tmp_path, workers))  # batch 8
     with pytest.raises(SpecError, match="objective 'supervised' only, not 'dino'"):
         make_plan(spec_with(tmp_path, {"workers": 2}, objective="dino"))
-    with pytest.raises(SpecError, match="do not yet split augment.mixup/cutmix"):
-        make_plan(spec_with(tmp_path, {"workers": 2}, augment={"mixup": 0.8}))
+    make_plan(spec_with(tmp_path, {"workers": 2}, augment={"mixup": 0.8}))  # the recipe splits after its draws
 
 
 def test_plan_shows_workers_global_batch_and_gpus_per_trial(tmp_path: Path) -> None:
@@ -263,3 +262,25 @@ def test_diverged_multi_worker_trial_is_not_trained_again() -> None:
         run_distributed_trial(config, scaling(2, 1, 0))  # before any TorchTrainer or Ray session
     assert scaling(8, 10, 1) == {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 10, "GPU": 1}}
     assert scaling(2, 1, 0)["resources_per_worker"] == {"CPU": 1}
+
+
+def test_recipe_draws_on_the_global_batch_then_each_rank_keeps_its_share() -> None:
+    # Two ranks' losses (each a mean over its half of the augmented, mixed, repeated global batch)
+    # average to the one-process loss of the same step: with DDP's gradient average the ranks
+    # follow one process's trajectory with the whole DeiT-III recipe on.
+    from test_recipe import recipe_config
+    from trainers.loop import Trainer
+
+    trainer = Trainer(recipe_config(augment=dict(three_augment=True, repeats=3, mixup=0.8, cutmix=1.0, loss="bce")), torch.device("cpu"))
+    objective = trainer.objective
+    assert objective.takes_its_own_share
+    batch = next(trainer.data.train_batches(0, trainer.cfg.augment.images_per_step(trainer.cfg.optim.batch_size)))
+    objective.model.eval()  # no drop path: the three forward passes see the same network
+    with torch.no_grad():
+        whole = objective.loss(batch, step=3)
+        halves = []
+        for rank in (0, 1):
+            objective.share = (rank, 2)
+            halves.append(objective.loss(batch, step=3))
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(halves[0], halves[1])

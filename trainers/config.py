@@ -351,17 +351,14 @@ def data_parallel_problem(cfg: TrainConfig, workers: int) -> str | None:
     """Why `workers` data-parallel ranks could not follow one process's trajectory, or None.
 
     Ranks split the batch a step draws and DDP averages their gradients: exact for a loss that
-    is a mean of per-image terms. Batch statistics (DINO's centre, CLIP's negatives) and the
-    recipe's batch-level draws (3-Augment, Mixup/CutMix pairs, repeated augmentation, all made
-    on the whole batch inside the objective) would differ per rank."""
+    is a mean of per-image terms. Batch statistics (DINO's centre, CLIP's negatives) would
+    differ per rank. The recipe's batch-level draws (3-Augment, Mixup/CutMix pairs, repeated
+    augmentation) are made on the whole global batch by every rank alike, before each keeps its
+    share (trainers/objectives/supervised.py)."""
     if workers == 1:
         return None
     if cfg.objective != "supervised":
         return f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}"
-    a = cfg.augment
-    batch_level = [k for k, on in (("three_augment", a.three_augment), ("mixup/cutmix", a.mixing), ("repeats", a.repeats > 1)) if on]
-    if batch_level:
-        return f"data-parallel workers do not yet split augment.{', augment.'.join(batch_level)} (drawn over the whole batch)"
     if cfg.optim.batch_size % workers:
         return f"the global batch optim.batch_size {cfg.optim.batch_size} must split evenly over {workers} workers"
     return None

@@ -89,6 +89,7 @@ class Trainer:
         augment = cfg.objective != "dino" and not cfg.augment.three_augment
         self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
         self.objective = build_objective(cfg, self.data, self.device)
+        self.objective.share = (rank, world_size)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -176,7 +177,10 @@ class Trainer:
         losses_in_window = 0
         metrics: dict[str, float] = {}
         while self.step < cfg.steps:
-            loss = self.train_step(local_share(next(batches), self.rank, self.world_size))
+            batch = next(batches)
+            if not self.objective.takes_its_own_share:
+                batch = local_share(batch, self.rank, self.world_size)
+            loss = self.train_step(batch)
             # Remember the first non-finite step on the device; checked at the next log point.
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)
             # The step goes in as a Python scalar: torch.tensor(step, device=cuda) would be a

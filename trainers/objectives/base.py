@@ -44,6 +44,11 @@ class Objective(ABC):
 
     name: str
     model: VisionTransformer  # the trained ViT: classifier, DINO student or CLIP image tower
+    # Data-parallel training: (this rank, ranks). An objective that draws batch-level augmentation
+    # (SupervisedObjective with the DeiT-III recipe) is handed the whole global batch and keeps its
+    # share after the draw, which every rank makes alike; the others get their share of the batch.
+    share: tuple[int, int] = (0, 1)
+    takes_its_own_share: bool = False
 
     def __init__(self, cfg: TrainConfig, data: DataSource, device: torch.device) -> None:
         self.cfg, self.data, self.device = cfg, data, device

@@ -102,8 +102,17 @@ class SupervisedObjective(Objective):
                 images, targets = self.mixup(images, targets)
         return images, targets
 
+    takes_its_own_share = True
+
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
+        # The recipe's draws (repeats, 3-Augment, Mixup/CutMix pairs) are made on the whole global
+        # batch, the same on every rank; then each rank trains its contiguous share. The loss is a
+        # mean over the share, and DDP's gradient average makes it the global batch's mean.
         images, targets = self.inputs(batch, step)
+        rank, ranks = self.share
+        if ranks > 1:
+            size = len(images) // ranks
+            images, targets = images[rank * size : (rank + 1) * size], targets[rank * size : (rank + 1) * size]
         return self.criterion(self.forward(images).float(), targets)
 
     def evaluate(self, batch_size: int) -> dict[str, float]:
