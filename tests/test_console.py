@@ -85,3 +85,10 @@ def test_results_table_averages_seeds_per_size_length_and_registers() -> None:
     assert header.split() == ["size", "steps", "r0", "r4"]
     assert micro.split() == ["micro", "120", "-", "0.500"]
     assert mini.split() == ["mini", "120", "0.850", "-"]
+
+
+def test_results_table_keeps_objectives_apart() -> None:
+    rows = [("micro", 300, 0, 0.99), ("dino micro", 300, 0, 0.78), ("clip micro", 300, 0, 0.73)]
+    title, header, *body = results_table(rows)
+    assert "DINO: k-NN, CLIP: zero-shot" in title
+    assert [line.split()[:-2] for line in body] == [["micro"], ["clip", "micro"], ["dino", "micro"]]

@@ -237,7 +237,9 @@ def results_table(rows: Sequence[tuple[str, int, int, float | None]]) -> list[st
         for (size, steps), by_count in sorted(cells.items(), key=lambda item: (_size_order(item[0][0]), item[0][1]))
     ]
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
-    lines = ["Val top-1 by model size, training length and registers (rN), mean over seeds:"]
+    lines = ["Val top-1 by model size, training length and registers (rN), mean over seeds"
+             " (DINO: k-NN, CLIP: zero-shot):" if any(" " in size for size, *_ in rows) else
+             "Val top-1 by model size, training length and registers (rN), mean over seeds:"]
     lines.append("  " + " ".join(h.rjust(w) for h, w in zip(headers, widths)))
     lines += ["  " + " ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
     return lines
@@ -247,8 +249,10 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f}" if values else "-"
 
 
-def _size_order(size: str) -> int:
+def _size_order(label: str) -> tuple[str, int]:
+    """Supervised sizes first, then each objective's ('dino micro'), sizes in MODEL_SIZES order."""
     from trainers.config import MODEL_SIZES
 
+    objective, _, size = label.rpartition(" ")
     order = list(MODEL_SIZES)
-    return order.index(size) if size in order else len(order)
+    return objective, order.index(size) if size in order else len(order)
