@@ -10,11 +10,8 @@ go through the client, in parallel.
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -26,8 +23,8 @@ from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
 from orchestrator.stores.axes import AXIS_PREFIX, LEGACY_DUPLICATES, STUDY_AXES
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
+from orchestrator.stores.reachable import is_sql, store_problem
 
-SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HISTORY_COLUMNS = ["run_id", "key", "step", "value"]
 
 
@@ -104,10 +101,12 @@ def load_sweep(
     Raises AnalysisError for an unreachable store, an unknown experiment or no finished trials.
     """
     uri = resolve_tracking_uri(tracking_uri)
-    _check_reachable(uri)
+    problem = store_problem(uri)
+    if problem:
+        raise AnalysisError(problem)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, experiment, uri)
-    sql = _is_sql(uri) if use_sql is None else use_sql
+    sql = is_sql(uri) if use_sql is None else use_sql
     raw = _sql_runs(uri, experiment_id) if sql else _client_runs(client, experiment_id)
     trial_runs = [r for r in raw if r.tags.get(cat.ROLE_TAG) == cat.TRIAL_ROLE]
     if parent_run is not None:
@@ -130,35 +129,6 @@ def load_sweep(
 
 
 # ---------------------------------------------------------------- store and experiment
-
-
-def _is_sql(uri: str) -> bool:
-    return uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES
-
-
-def _check_reachable(uri: str) -> None:
-    """Fail fast with the URI in the message, instead of MLflow's minutes of retries or a new empty store."""
-    scheme = uri.split(":", 1)[0]
-    if scheme == "sqlite":
-        path = uri[len("sqlite:///") :]
-        if path and path != ":memory:" and not Path(path).exists():
-            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri}); set MLFLOW_TRACKING_URI")
-    elif scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-                pass
-        except (urllib.error.URLError, OSError) as exc:
-            raise AnalysisError(f"cannot reach the MLflow tracking server at {uri}: {exc}") from None
-    elif _is_sql(uri):
-        try:
-            with sa.create_engine(uri).connect():
-                pass
-        except Exception as exc:  # driver errors differ per database
-            raise AnalysisError(f"cannot reach the MLflow database at {uri}: {exc.__class__.__name__}") from None
-    elif scheme in ("file", "") or "://" not in uri:
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        if not Path(path).exists():
-            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri}); set MLFLOW_TRACKING_URI")
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:

@@ -4,13 +4,12 @@ trainers/loop.py's trainer_state.pt, on local disk or in S3."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from orchestrator.stores.mlflow_runs import CHECKPOINT_TAG
+from orchestrator.stores.reachable import store_problem
 from trainers.loop import CHECKPOINT_FILE
 
 
@@ -20,17 +19,9 @@ class StoreError(RuntimeError):
 
 def check_store(uri: str) -> None:
     """Fail before MLflow creates an empty store or retries for minutes (reading a trial only)."""
-    scheme = uri.split(":", 1)[0]
-    if scheme == "sqlite":
-        path = uri[len("sqlite:///") :]
-        if path and not Path(path).exists():
-            raise StoreError(f"no MLflow store at {path} (tracking URI {uri}); set MLFLOW_TRACKING_URI or --tracking-uri")
-    elif scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-                pass
-        except (urllib.error.URLError, OSError) as exc:
-            raise StoreError(f"cannot reach the MLflow tracking server at {uri}: {exc}") from None
+    problem = store_problem(uri)
+    if problem:
+        raise StoreError(f"{problem} or --tracking-uri" if problem.endswith("MLFLOW_TRACKING_URI") else problem)
 
 
 def trial_checkpoint(uri: str, run_id: str, cache: Path) -> tuple[Path, dict[str, str]]:
