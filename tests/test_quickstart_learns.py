@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.plan import TrialPlan, make_plan
-from orchestrator.spec import load_spec
+from orchestrator.spec.plan import TrialPlan, make_plan
+from orchestrator.spec.schema import load_spec
 from trainers.loop import Trainer
 from trainers.probes import names
 
