@@ -7,6 +7,7 @@ unreachable store, no finished trials, bad option).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # MLflow draws a progress bar for every artifact download (probe files, checkpoints): one
+    # per trial would bury the summary below.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported in steps so that --help and input errors come before matplotlib and the figure code load.
     from orchestrator.analyze.load import load_sweep
 
