@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from orchestrator.stores.mlflow_store import sqlite_file
+
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
@@ -19,8 +21,8 @@ def store_problem(uri: str) -> str | None:
     """One line naming the store and what is wrong with it, or None when it can be read."""
     scheme = uri.split(":", 1)[0]
     if scheme == "sqlite":
-        path = uri[len("sqlite:///") :]
-        if path and path != ":memory:" and not Path(path).exists():
+        path = sqlite_file(uri)
+        if path is not None and not path.exists():
             return f"no MLflow store at {path} (tracking URI {uri}); set MLFLOW_TRACKING_URI"
     elif scheme in ("http", "https"):
         try:
