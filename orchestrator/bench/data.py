@@ -129,7 +129,7 @@ def run_data_bench(settings: DataBenchSettings, device: torch.device) -> dict[st
             write_synthetic_tree(tree, settings.images, settings.width, settings.height)
             root = str(tree)
             if settings.data == "shards":
-                from trainers.data.shards import write_shards
+                from trainers.data.shard_writer import write_shards
 
                 write_shards(tree, Path(tmp) / "shards", shard_size=256)
                 root = str(Path(tmp) / "shards")
