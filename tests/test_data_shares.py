@@ -94,6 +94,15 @@ def test_image_text_share_is_the_one_process_rows_with_tokens_from_the_workers(t
     assert source.collate.tokens._tokenizer is None  # the main process never built a tokenizer
 
 
+def test_shapes_captions_come_with_their_tokens() -> None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    cfg = DataConfig(name="shapes", num_classes=3, train_size=40, val_size=8)
+    source = build_data(cfg, img_size=16, seed=0, device=CPU, context_length=20, rank=1, world_size=2)
+    for batch in islice(source.train_batches(0, 12), 2):
+        assert len(batch) == 6 and torch.equal(batch.tokens, SimpleTokenizer(context_length=20)(batch.captions))
+
+
 def test_image_text_shards_keep_a_bounded_number_of_files_open(tmp_path: Path) -> None:
     from trainers.data.image_text import ShardPairs
     from trainers.data.real import WHOLE_IMAGE

@@ -5,10 +5,11 @@ is deprecated, and it decodes on a stream of its own without ordering the output
 caller's stream (pytorch/vision PR 9606 measured corrupted images on an H100; the fix went
 into torchcodec). torchcodec's `decode_jpeg(list, device="cuda")` decodes the whole list in
 one nvJPEG call (hardware engine where the GPU has one, nvJPEG's GPU software path for
-progressive JPEGs) and enqueues it on the caller's current CUDA stream
-(`decode_jpegs_cuda` takes `getCurrentCUDAStream`; documented in its `decode_jpeg`
-docstring: "CUDA decoding uses nvJPEG ... prefer passing a batch"), so later kernels on
-that stream see complete images. Its CPU image decoders (libjpeg-turbo, libpng, libwebp,
+progressive JPEGs) and enqueues it on the caller's current CUDA stream (torchcodec's
+src/torchcodec/_core/DecodeJpegCuda.cpp: `decode_jpegs_cuda` decodes on
+`get_current_cuda_stream(device)`; its `decode_jpeg` docstring: "CUDA decoding uses nvJPEG
+... prefer passing a batch"). We call it on the training thread's current stream, so the
+crops and the training step that follow on that stream see complete images. Its CPU image decoders (libjpeg-turbo, libpng, libwebp,
 bundled in the wheel) need no FFmpeg: a CPU-only machine imports and runs them.
 NVIDIA DALI was the other candidate: its wheels are CUDA-only (nothing to run on the CPU
 test machines) and its readers own the sample order and sharding, which would cost the
