@@ -197,15 +197,16 @@ def test_members_nvjpeg_cannot_take_are_decoded_on_the_cpu_one_image_at_a_time(t
         "c.webp": encoded_picture("WEBP", lossless=True), "d.jpg": encoded_picture("JPEG", "CMYK", quality=95),
         "e.jpg": encoded_picture("JPEG", quality=95, progressive=True), "f.jpg": encoded_picture("JPEG", "L"),
         "g.jpg": (b"\xff\xd8\xff\xe0 not really a jpeg", None),
+        "h.jpg": (encoded_picture("JPEG", quality=95)[0][:400], None),  # headers fine, data cut short
     }
-    assert [nvjpeg_decodable(data) for data, _ in members.values()] == [True, False, False, False, True, True, False]
+    assert [nvjpeg_decodable(data) for data, _ in members.values()] == [True, False, False, False, True, True, False, True]
     write_member_shard(tmp_path / "train", [(name, data, i) for i, (name, (data, _)) in enumerate(members.items())])
     keys = [(i, (100 + i,)) for i in range(len(members))] + [(i, None) for i in range(len(members))]
     on_device = ShardImages(open_split(str(tmp_path), "train"), img_size=16, plan=PLAN, decode_on_device=True)
     with pytest.warns(RuntimeWarning, match="cannot decode .*shard-000000.tar.*grey image"):
         samples = on_device.__getitems__(keys)
     decoded_in_worker = [s.image.ndim == 3 for s in samples[: len(members)]]
-    assert decoded_in_worker == [False, True, True, True, False, False, True]
+    assert decoded_in_worker == [False, True, True, True, False, False, True, False]
     # Each fallback picture is the picture (lossless PNG/WebP exactly; CMYK through libjpeg's conversion).
     for name, s in zip(members, samples):
         original = members[name][1]
@@ -213,10 +214,18 @@ def test_members_nvjpeg_cannot_take_are_decoded_on_the_cpu_one_image_at_a_time(t
             got = s.image.permute(1, 2, 0).numpy().astype(float)
             assert got.shape == original.shape and np.abs(got - original).mean() < (1 if name[-3:] != "jpg" else 12), name
     collate = Collate(PLAN, 16)
-    train = collate(samples[: len(members)]).images.decode(CPU)[0]
-    evaluation = collate(samples[len(members) :]).images.decode(CPU)[0]
+    # The truncated JPEG fails the device decoder's batched call: image by image then, and that
+    # one on the CPU, where it cannot be read either: grey, and the rest of the batch decodes.
+    with pytest.warns(RuntimeWarning) as caught:
+        train = collate(samples[: len(members)]).images.decode(CPU)[0]
+    said = [str(w.message) for w in caught]
+    assert any("JPEG decoder rejected" in m and "decoding it on the CPU" in m for m in said)
+    assert any("cannot decode" in m and "grey image" in m for m in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        evaluation = collate(samples[len(members) :]).images.decode(CPU)[0]
     assert train.shape == evaluation.shape == (len(members), 3, 16, 16)
-    assert int(evaluation[-1].float().std()) == 0  # the unreadable member: grey, and the batch is whole
+    assert [int(e.float().std()) == 0 for e in evaluation] == [False] * 6 + [True, True]  # grey, the batch whole
     worker = ShardImages(open_split(str(tmp_path), "train"), img_size=16, plan=PLAN, decode_on_device=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

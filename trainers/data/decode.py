@@ -118,22 +118,20 @@ def decode_cpu(data: torch.Tensor, name: str = "image") -> torch.Tensor:
 def decode_on_device(data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None = None) -> list[torch.Tensor]:
     """uint8 [3, H, W] images on `device` from JPEG bytes that `nvjpeg_decodable` accepted.
 
-    CUDA: one torchcodec/nvJPEG call for the whole list, on the current stream; if it fails,
-    image by image, and the CPU for an image the GPU rejects. Another device (the CPU tests
-    of this path): torchcodec's CPU decoder, image by image, through the same function."""
-    names = names or [f"image {i}" for i in range(len(data))]
-    if device.type != "cuda":
-        return [decode_cpu(d, n).to(device) for d, n in zip(data, names)]
+    One torchcodec `decode_jpeg(list, device=device)` call for the whole list (CUDA: nvJPEG on
+    the current stream; the CPU tests run the same call with device='cpu'). If it fails, image by
+    image, and the CPU decoder (decode_cpu) for an image the device decoder rejects."""
     from torchcodec.decoders import decode_jpeg
 
     try:
         return list(decode_jpeg(list(data), mode="RGB", device=device))
     except RuntimeError:
+        names = names or [f"image {i}" for i in range(len(data))]
         out = []
         for d, n in zip(data, names):
             try:
                 out.append(decode_jpeg(d, mode="RGB", device=device))
             except RuntimeError as err:
-                _warn_once(n, f"nvJPEG rejected {n} ({err}); decoding it on the CPU")
+                _warn_once("device:" + n, f"the {device.type} JPEG decoder rejected {n} ({str(err)[:200]}); decoding it on the CPU")
                 out.append(decode_cpu(d, n).to(device, non_blocking=True))
         return out
