@@ -90,20 +90,21 @@ def test_schedules_follow_dinov2() -> None:
 
 
 def test_masks_follow_the_share_and_ratios_and_repeat_per_step() -> None:
-    gen = step_generator(0, 7, torch.device("cpu"))
-    masks = ibot_masks(40, (8, 8), (0.1, 0.5), 0.5, gen, torch.device("cpu"))
+    gen = step_generator(0, 7)
+    masks = ibot_masks(40, (8, 8), (0.1, 0.5), 0.5, gen)
     per_image = masks.flatten(1).sum(1)
     assert int((per_image > 0).sum()) == 20  # half of the images get a mask
     assert per_image.max() <= 32 and per_image[per_image > 0].min() >= 6  # 10% to 50% of 64 patches
-    again = ibot_masks(40, (8, 8), (0.1, 0.5), 0.5, step_generator(0, 7, torch.device("cpu")), torch.device("cpu"))
+    again = ibot_masks(40, (8, 8), (0.1, 0.5), 0.5, step_generator(0, 7))
     assert torch.equal(masks, again)
+    rows = torch.tensor([3, 17, 30])  # a rank's rows of the global masks: drawn for all, applied to its own
+    assert torch.equal(ibot_masks(40, (8, 8), (0.1, 0.5), 0.5, step_generator(0, 7), rows), masks[rows])
 
 
 def test_views_have_their_sizes_and_local_crops_use_interpolated_position_embeddings() -> None:
-    images = torch.randn(3, 3, 32, 32)
+    crops = (torch.randn(6, 3, 32, 32), torch.randn(12, 3, 16, 16))  # the loader's, for 3 images, crop-major
     views = make_views(
-        images, seed=0, step=0, local_crops=4, local_size=16, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-        patch_size=8, mask_ratio=(0.1, 0.5), mask_probability=0.5, with_masks=True,
+        crops, seed=0, step=0, patch_size=8, mask_ratio=(0.1, 0.5), mask_probability=0.5, with_masks=True,
     )
     assert views.global_crops.shape == (6, 3, 32, 32) and views.local_crops.shape == (12, 3, 16, 16)
     assert views.masks.shape == (6, 4, 4)
@@ -115,3 +116,32 @@ def test_views_have_their_sizes_and_local_crops_use_interpolated_position_embedd
     everything = torch.ones(6, 4, 4, dtype=torch.bool)
     masked = encode(vit.eval(), views.global_crops, everything, token)
     assert torch.allclose(masked[0], masked[1], atol=1e-5)
+
+
+def dino_views(crops, share=(0, 1)):
+    return make_views(
+        crops, seed=3, step=5, patch_size=8, mask_ratio=(0.1, 0.5), mask_probability=0.5, with_masks=True, share=share,
+    )
+
+
+def test_views_of_two_ranks_are_the_one_process_views_of_their_images() -> None:
+    """Jitter and masks are drawn for the global batch; a rank applies its images' rows."""
+    glob, loc = torch.randn(2 * 8, 3, 32, 32), torch.randn(4 * 8, 3, 16, 16)  # 8 images, crop-major
+    whole = dino_views((glob, loc))
+    for rank in (0, 1):
+        mine = [rank * 4 + i for i in range(4)]
+        rows_g = [c * 8 + i for c in range(2) for i in mine]
+        rows_l = [c * 8 + i for c in range(4) for i in mine]
+        part = dino_views((glob[rows_g], loc[rows_l]), share=(rank, 2))
+        assert torch.equal(part.global_crops, whole.global_crops[rows_g])
+        assert torch.equal(part.local_crops, whole.local_crops[rows_l])
+        assert torch.equal(part.masks, whole.masks[rows_g])
+
+
+def test_views_under_bf16_autocast_are_the_fp32_views() -> None:
+    crops = (torch.randn(8, 3, 32, 32), torch.randn(16, 3, 16, 16))
+    plain = dino_views(crops)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dino_views(crops)
+    assert mixed.global_crops.dtype == torch.float32
+    assert torch.equal(mixed.global_crops, plain.global_crops) and torch.equal(mixed.local_crops, plain.local_crops)

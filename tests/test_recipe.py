@@ -13,7 +13,7 @@ from timm.layers import DropPath
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lamb
 
-from trainers.augment import BatchAugment, step_generator, three_augment
+from trainers.augment import BatchAugment, ColourDraws, colour_augment, step_generator
 from trainers.config import AugmentConfig, ModelConfig, OptimConfig, TrainConfig
 from trainers.data.sampling import derive_seed
 from trainers.loop import CHECKPOINT_FILE, Trainer
@@ -145,27 +145,45 @@ def test_label_smoothing_without_mixing_is_timms_smoothed_cross_entropy() -> Non
 # ------------------------------------------------------------------ 3-Augment
 
 
-def test_three_augment_shapes_dtypes_range_and_per_image_draws() -> None:
+def test_three_augment_colour_operations_draw_per_image() -> None:
     images = torch.rand(12, 3, 40, 48)
-    out = three_augment(images, 32, step_generator(1, 2, "three_augment"))
-    assert out.shape == (12, 3, 32, 32) and out.dtype == torch.float32
+    out = colour_augment(images, ColourDraws.draw(12, 0.3, step_generator(1, 2, "three_augment")))
+    assert out.shape == (12, 3, 40, 48) and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     same = images[:1].expand(12, -1, -1, -1).contiguous()
-    copies = three_augment(same, 32, step_generator(1, 2, "three_augment"))
-    assert len({round(float(c.sum()), 3) for c in copies}) == 12  # each copy its own crop, choice, jitter
+    copies = colour_augment(same, ColourDraws.draw(12, 0.3, step_generator(1, 2, "three_augment")))
+    assert len({round(float(c.sum()), 3) for c in copies}) == 12  # each copy its own choice and jitter
 
 
-def test_three_augment_is_a_pure_function_of_seed_and_step() -> None:
-    images = torch.randn(6, 3, 32, 32)
-    labels = torch.arange(2).repeat(3)
-    aug = BatchAugment(seed=4, size=32, mean=torch.zeros(3), std=torch.ones(3), jitter=0.3, repeats=3, batch_size=16)
-    first, first_labels = aug(images, labels, step=9)
+def test_three_augment_is_a_pure_function_of_seed_and_step_and_ranks_apply_their_rows() -> None:
+    images = torch.randn(16, 3, 32, 32)
+    aug = BatchAugment(seed=4, mean=torch.zeros(3), std=torch.ones(3), jitter=0.3, global_batch=16)
+    first = aug(images, step=9)
     torch.rand(5)  # the global stream moves; the batch does not
-    again, _ = aug(images, labels, step=9)
-    other, _ = aug(images, labels, step=10)
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    assert first.shape == (16, 3, 32, 32)  # 6 images x 3 repeats, cut to the batch
-    assert first_labels.tolist() == [0, 0, 0, 1, 1, 1] * 2 + [0, 0, 0, 1]
+    assert torch.equal(first, aug(images, step=9)) and not torch.equal(first, aug(images, step=10))
+    # Two ranks, each with its half of the global batch: the rows one process makes.
+    halves = [aug(images[8 * r : 8 * (r + 1)], step=9, share=(r, 2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), first)
+    with pytest.raises(ValueError, match="1/2 of the global batch 16"):
+        aug(images[:4], step=9, share=(0, 2))
+
+
+def test_three_augment_under_bf16_autocast_is_the_fp32_result() -> None:
+    """Under bf16 autocast (as on a GPU with precision auto) the blur once wrote bf16 into the fp32
+    batch and failed; augmentation now runs in fp32 with autocast off: the same numbers exactly."""
+    images = torch.randn(16, 3, 32, 32)
+    aug = BatchAugment(seed=4, mean=torch.full((3,), 0.4), std=torch.full((3,), 0.2), jitter=0.3, global_batch=16)
+    plain = aug(images, step=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = aug(images, step=3)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    assert int(ColourDraws.draw(16, 0.3, step_generator(4, 3, "three_augment")).choice.eq(2).sum()) > 0  # blur ran
+
+
+def test_the_recipe_trains_a_step_under_bf16() -> None:
+    trainer = Trainer(recipe_config(precision="bf16", steps=2, eval_every=2, log_every=1), CPU)
+    metrics = trainer.fit()
+    assert np.isfinite(metrics[names.VAL_LOSS])
 
 
 # ------------------------------------------------------------------ the loop with the recipe on
@@ -183,7 +201,7 @@ def test_a_few_steps_with_the_whole_recipe_learn_finite_losses() -> None:
 def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path) -> None:
     cfg = recipe_config()
     original = Trainer(cfg, CPU)
-    per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
+    per_step = cfg.optim.batch_size  # output positions; the loader repeats the images
     batches = original.data.train_batches(0, per_step)
     for _ in range(3):
         original.train_step(next(batches))
@@ -234,8 +252,10 @@ def test_the_recipe_trains_on_an_imagefolder_with_imagenet_statistics(tmp_path) 
     trainer = Trainer(cfg, CPU)
     mean = trainer.objective.augment.mean.flatten().tolist()
     assert mean == pytest.approx([0.485, 0.456, 0.406])
-    batch = next(trainer.data.train_batches(0, cfg.augment.images_per_step(6)))
-    assert len(batch) == 2  # ceil(6 / 3) images, each three times in the step's batch
+    batch = next(trainer.data.train_batches(0, 6))
+    # ceil(6 / 3) images, each three times in the step's batch, each time its own crop of the whole image
+    assert len(batch) == 6 and batch.labels.tolist()[:3] == [batch.labels[0].item()] * 3
+    assert batch.images.shape == (6, 3, 32, 32) and not torch.equal(batch.images[0], batch.images[1])
     images, targets = trainer.objective.inputs(batch, 0)
     assert images.shape == (6, 3, 32, 32) and targets.shape == (6, 3)
     assert np.isfinite(float(trainer.train_step(batch)))

@@ -1,22 +1,24 @@
-"""DeiT-III's 3-Augment on batched image tensors on the device, and repeated augmentation.
+"""DeiT-III's 3-Augment on batched image tensors on the device.
 
 3-Augment (Touvron et al. 2022, facebookresearch/deit augment.py `new_data_aug_generator`):
-RandomResizedCrop (scale 0.08-1, bicubic) + horizontal flip, then one of grayscale /
-solarize / Gaussian blur (sigma 0.1-2), then ColorJitter (brightness, contrast, saturation).
-torchvision's v2 transforms draw one set of parameters per call, i.e. per batch; here every
-image gets its own, drawn on the host from a generator seeded by (seed, step), so the
-augmented batch of step s is a pure function of (seed, s) and of the images, and a resumed
-trial sees the same batch. The crop of a whole batch is one `grid_sample` (bicubic) with a
-per-image affine grid; the other operations are per-image broadcasts.
+RandomResizedCrop (scale 0.08-1) + horizontal flip, then one of grayscale / solarize /
+Gaussian blur (sigma 0.1-2), then ColorJitter (brightness, contrast, saturation).
+The crop and the flip are the loader's (trainers/data/crops.py: from the whole decoded image,
+as DeiT's dataset transform; repeated augmentation there too, each repeat its own crop).
+This module does the rest, on the device. Every image gets its own draws, made on the host
+for the whole global batch of the step from a generator seeded by (seed, step); a rank
+applies the rows of its share. So the augmented batch of step s is a pure function of
+(seed, s) and of the images, the same for any number of ranks, and a resumed trial sees the
+same batch. It runs in float32 with autocast off, whatever the trainer's precision.
 
-Departures from the PIL reference, all small: the crop is not antialiased when it shrinks;
-ColorJitter applies brightness, contrast and saturation in that fixed order (torchvision
-shuffles the order per call); blur uses a 13-tap kernel (3 sigma at sigma 2).
+Departures from the PIL reference, all small: ColorJitter applies brightness, contrast and
+saturation in that fixed order (torchvision shuffles the order per call); blur uses a 13-tap
+kernel (3 sigma at sigma 2).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +27,8 @@ from trainers.data.sampling import derive_seed
 
 Tensor = torch.Tensor
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_TAPS = 13
-CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes, then falls back
 
 
 def step_generator(seed: int, step: int, tag: str) -> torch.Generator:
@@ -46,41 +45,6 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 def _uniform(gen: torch.Generator, low: float, high: float, *shape: int) -> Tensor:
     return low + (high - low) * torch.rand(*shape, generator=gen)
-
-
-def crop_boxes(n: int, aspect: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(width, height, centre x, centre y) per image, as fractions of the source image.
-
-    aspect = source width / height. Like torchvision: area U(scale), log-ratio uniform, the first
-    of CROP_TRIES boxes that fits; else the whole image."""
-    area = _uniform(gen, *CROP_SCALE, n, CROP_TRIES)
-    log_ratio = _uniform(gen, math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), n, CROP_TRIES)
-    ratio = log_ratio.exp()
-    w = (area * ratio / aspect).sqrt()
-    h = (area * aspect / ratio).sqrt()
-    fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(dim=1, keepdim=True)  # 0 when nothing fits, then masked below
-    any_fit = fits.any(dim=1)
-    w = torch.where(any_fit, w.gather(1, first).squeeze(1), torch.ones(n))
-    h = torch.where(any_fit, h.gather(1, first).squeeze(1), torch.ones(n))
-    cx = w / 2 + (1 - w) * torch.rand(n, generator=gen)
-    cy = h / 2 + (1 - h) * torch.rand(n, generator=gen)
-    return w, h, cx, cy
-
-
-def resized_crop_flip(images: Tensor, size: int, gen: torch.Generator) -> Tensor:
-    """Per-image RandomResizedCrop (bicubic) to size x size and a horizontal flip with p=0.5."""
-    n, _, height, width = images.shape
-    w, h, cx, cy = crop_boxes(n, width / height, gen)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * flip  # output x in [-1, 1] -> source x; a negative scale mirrors
-    theta[:, 0, 2] = 2 * cx - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * cy - 1
-    grid = F.affine_grid(to_device(theta, images.device), [n, 3, size, size], align_corners=False)
-    out = F.grid_sample(images, grid.to(images.dtype), mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)  # bicubic overshoots
 
 
 def grayscale(images: Tensor) -> Tensor:
@@ -102,28 +66,41 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return flat.view(n, c, hh, ww)
 
 
-def color_jitter(images: Tensor, strength: float, gen: torch.Generator) -> Tensor:
-    """Brightness, contrast and saturation factors U(1 - strength, 1 + strength) per image."""
-    if strength <= 0:
-        return images
+def color_jitter(images: Tensor, factors: Tensor) -> Tensor:
+    """Brightness, contrast and saturation: factors [3, n] (each U(1 - strength, 1 + strength))."""
     n = images.shape[0]
-    factors = to_device(_uniform(gen, max(0.0, 1 - strength), 1 + strength, 3, n), images.device).to(images.dtype)
-    b, c, s = (f.view(n, 1, 1, 1) for f in factors)
+    b, c, s = (f.view(n, 1, 1, 1) for f in to_device(factors, images.device))
     x = (images * b).clamp_(0, 1)
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (c * x + (1 - c) * mean).clamp_(0, 1)
     return (s * x + (1 - s) * grayscale(x)).clamp_(0, 1)
 
 
-def three_augment(images: Tensor, size: int, gen: torch.Generator, jitter: float = 0.3) -> Tensor:
-    """3-Augment of a batch of 0..1 RGB images [B, 3, H, W] -> [B, 3, size, size], per-image draws."""
-    x = resized_crop_flip(images, size, gen)
-    n = x.shape[0]
-    choice = torch.randint(0, 3, (n,), generator=gen)  # 0 grayscale, 1 solarize, 2 blur
-    sigma = _uniform(gen, *BLUR_SIGMA, n)
+@dataclass(frozen=True)
+class ColourDraws:
+    """3-Augment's per-image draws after the crop, for a global batch (host tensors)."""
+
+    choice: Tensor  # int64 [n]: 0 grayscale, 1 solarize, 2 blur
+    sigma: Tensor  # float32 [n]
+    jitter: Tensor | None  # float32 [3, n] brightness, contrast, saturation factors
+
+    @classmethod
+    def draw(cls, n: int, jitter: float, gen: torch.Generator) -> "ColourDraws":
+        choice = torch.randint(0, 3, (n,), generator=gen)
+        sigma = _uniform(gen, *BLUR_SIGMA, n)
+        factors = _uniform(gen, max(0.0, 1 - jitter), 1 + jitter, 3, n) if jitter > 0 else None
+        return cls(choice, sigma, factors)
+
+    def rows(self, part: slice) -> "ColourDraws":
+        return ColourDraws(self.choice[part], self.sigma[part], None if self.jitter is None else self.jitter[:, part])
+
+
+def colour_augment(images: Tensor, draws: ColourDraws) -> Tensor:
+    """One of grayscale / solarize / blur per image, then colour jitter: 0..1 RGB [n, 3, H, W], fp32."""
+    x = images
     out = x.clone()
     for kind in range(3):
-        rows_cpu = (choice == kind).nonzero().squeeze(1)  # host-side draws: no device sync
+        rows_cpu = (draws.choice == kind).nonzero().squeeze(1)  # host-side draws: no device sync
         if rows_cpu.numel() == 0:
             continue
         rows = to_device(rows_cpu, x.device)
@@ -133,29 +110,33 @@ def three_augment(images: Tensor, size: int, gen: torch.Generator, jitter: float
         elif kind == 1:
             part = torch.where(part >= 0.5, 1.0 - part, part)  # PIL's solarize at 128 of 255
         else:
-            part = gaussian_blur(part, sigma[rows_cpu])
+            part = gaussian_blur(part, draws.sigma[rows_cpu])
         out[rows] = part
-    return color_jitter(out, jitter, gen)
+    return out if draws.jitter is None else color_jitter(out, draws.jitter)
 
 
 class BatchAugment:
-    """The device-side augmentation of a normalised training batch: repeats, then 3-Augment.
+    """3-Augment after the loader's crop, on a rank's share of a normalised training batch.
 
     mean, std: the per-channel normalisation the data source applied; 3-Augment works on
     0..1 pixels, so the batch is taken back there and normalised again afterwards.
+    global_batch: the positions of a step's global batch; the draws cover all of them.
     """
 
-    def __init__(
-        self, *, seed: int, size: int, mean: Tensor, std: Tensor, jitter: float, repeats: int, batch_size: int
-    ) -> None:
-        self.seed, self.size, self.jitter, self.repeats, self.batch_size = seed, size, jitter, repeats, batch_size
-        self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+    def __init__(self, *, seed: int, mean: Tensor, std: Tensor, jitter: float, global_batch: int) -> None:
+        self.seed, self.jitter, self.global_batch = seed, jitter, global_batch
+        self.mean, self.std = mean.view(1, 3, 1, 1).float(), std.view(1, 3, 1, 1).float()
 
-    def __call__(self, images: Tensor, labels: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        if self.repeats > 1:  # each image k times in a row, each copy with its own draws; the last may get fewer
-            images = images.repeat_interleave(self.repeats, dim=0)[: self.batch_size]
-            labels = labels.repeat_interleave(self.repeats, dim=0)[: self.batch_size]
-        gen = step_generator(self.seed, step, "three_augment")
-        pixels = (images.float() * self.std + self.mean).clamp_(0, 1)
-        out = three_augment(pixels, self.size, gen, self.jitter)
-        return (out - self.mean) / self.std, labels
+    def draws(self, step: int) -> ColourDraws:
+        return ColourDraws.draw(self.global_batch, self.jitter, step_generator(self.seed, step, "three_augment"))
+
+    def __call__(self, images: Tensor, step: int, share: tuple[int, int] = (0, 1)) -> Tensor:
+        rank, ranks = share
+        n = images.shape[0]
+        if n * ranks != self.global_batch:
+            raise ValueError(f"a share of {n} images is not 1/{ranks} of the global batch {self.global_batch}")
+        draws = self.draws(step).rows(slice(rank * n, (rank + 1) * n))
+        # fp32 with autocast off: under bf16 autocast the blur's conv would write bf16 into the fp32 batch.
+        with torch.autocast(images.device.type, enabled=False):
+            pixels = (images.float() * self.std + self.mean).clamp_(0, 1)
+            return (colour_augment(pixels, draws) - self.mean) / self.std

@@ -127,8 +127,8 @@ class DataConfig(Strict):
     num_workers: int = Field(default=2, ge=0, description="DataLoader workers for real data")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
-        description="shards: where JPEGs are decoded and cropped; gpu = batched torchvision decode_jpeg on the "
-        "trainer's device (nvJPEG), cpu = in the DataLoader workers; auto = gpu on CUDA",
+        description="shards: where images are decoded and cropped; gpu = batched torchcodec decode_jpeg on the "
+        "trainer's device (nvJPEG) and one batched crop, cpu = in the DataLoader workers; auto = gpu on CUDA",
     )
 
     @model_validator(mode="after")

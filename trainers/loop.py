@@ -9,8 +9,9 @@ state (teacher, centres, temperature), every RNG state and the step.
 
 Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes that share
 an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
-up; this package never imports Ray). Every rank draws the same global batch for step s and
-trains its own contiguous 1/n of it through PyTorch DDP, which averages the gradients over
+up; this package never imports Ray). Each rank reads, decodes and augments only its own
+contiguous 1/n of the global batch of step s (trainers/data: rows [r * n, (r + 1) * n) of the
+batch one process draws) and trains it through PyTorch DDP, which averages the gradients over
 the ranks before clipping: with equal shares that is the gradient of the mean loss over the
 global batch, so the update equals one process's on the whole global batch. Rank 0 alone
 evaluates, probes and measures; the caller saves checkpoints from rank 0 and every rank loads.
@@ -31,7 +32,7 @@ import torch
 
 from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
 from trainers.config import TrainConfig, data_parallel_problem
-from trainers.data import build_data
+from trainers.data import build_training_data
 from trainers.data.base import Batch
 from trainers.objectives import build_objective
 from trainers.probes import names
@@ -56,20 +57,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def local_share(batch: Batch, rank: int, world_size: int) -> Batch:
-    """Rank r's contiguous 1/world_size of a global batch (the ranks' shares are disjoint and cover it)."""
-    if world_size == 1:
-        return batch
-    size = len(batch)
-    if size % world_size:
-        raise ValueError(f"global batch {size} does not split evenly over {world_size} workers")
-    share = size // world_size
-    part = slice(rank * share, (rank + 1) * share)
-    masks = None if batch.masks is None else batch.masks[part]
-    captions = None if batch.captions is None else batch.captions[part]
-    return Batch(batch.images[part], batch.labels[part], masks, captions)
-
-
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, device: torch.device | None = None, *, rank: int = 0, world_size: int = 1
@@ -85,9 +72,8 @@ class Trainer:
                 raise ValueError(problem)
         # Every rank seeds alike: the same initial weights everywhere, as DDP needs.
         seed_everything(cfg.seed)
-        # DINO and 3-Augment make their own crops on the device: real images come without the random crop then.
-        augment = cfg.objective != "dino" and not cfg.augment.three_augment
-        self.data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=self.device, augment=augment)
+        # This rank's share of each batch, with the objective's crops (3-Augment, DINO) cut by the loader.
+        self.data = build_training_data(cfg, self.device, rank=rank, world_size=world_size)
         self.objective = build_objective(cfg, self.data, self.device)
         self.objective.share = (rank, world_size)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
@@ -169,17 +155,14 @@ class Trainer:
         cfg, tracker = self.cfg, tracker or NullTracker()
         if self.rank != 0:
             tracker = NullTracker()  # rank 0 measures for all
-        # With repeated augmentation a step draws ceil(batch_size / repeats) images; the objective repeats them.
-        per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
-        batches: Iterator[Batch] = self.data.train_batches(self.step, per_step)
+        # This rank's share of each step's global batch (with repeats, the loader repeats the images).
+        batches: Iterator[Batch] = self.data.train_batches(self.step, cfg.optim.batch_size)
         loss_sum = torch.zeros((), device=self.device)
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0
         metrics: dict[str, float] = {}
         while self.step < cfg.steps:
             batch = next(batches)
-            if not self.objective.takes_its_own_share:
-                batch = local_share(batch, self.rank, self.world_size)
             loss = self.train_step(batch)
             # Remember the first non-finite step on the device; checked at the next log point.
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)

@@ -1,7 +1,7 @@
 """`python -m orchestrator.bench {trainer,data,overhead,store,startup} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
-data      images/s of the input pipeline alone beside images/s the trainer consumes: is a trial input-bound?
+data      per rank: images/s of one rank's input pipeline beside one worker's trainer: is a trial input-bound?
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data.add_argument("--workers", type=int, help="DataLoader workers")
     data.add_argument("--decode", choices=("auto", "cpu", "gpu"), help="where JPEGs are decoded (shards)")
     data.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    data.add_argument("--ranks", type=positive_int, help="data-parallel workers of the trial: rank 0's pipeline, one worker's trainer")
+    data.add_argument("--spec", help="sweep spec: its first trial's model, objective, recipe, global batch and workers")
     data.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
     data.add_argument("--json", action="store_true", help="end with one JSON line")
 
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             DataBenchSettings.defaults(device),
             root=args.root, data=args.data, images=args.images, size=args.size, img=args.img, patch=args.patch,
             batch=args.batch, steps=args.steps, warmup=args.warmup, workers=args.workers, decode=args.decode,
-            compile=args.compile,
+            compile=args.compile, ranks=args.ranks, spec=args.spec,
         )
         result = run_data_bench(settings_d, device)
         print(format_data_result(result))

@@ -19,12 +19,19 @@ class Batch:
     labels: torch.Tensor  # int64 [B]
     masks: torch.Tensor | None = None  # int64 [B, H, W]: 0 background, c + 1 object of class c
     captions: list[str] | None = None  # one caption per image, where the data has them (CLIP)
+    tokens: torch.Tensor | None = None  # int64 [B, context]: the captions tokenised by the loader (CLIP)
+    # With a crop plan (3-Augment, DINO): the loader's crops, one tensor per crop group, crop-major
+    # (crop c of position b at row c * B + b); `images` is then views[0].
+    views: tuple[torch.Tensor, ...] | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch(move(self.images), move(self.labels), move(self.masks), self.captions)  # type: ignore[arg-type]
+        views = None if self.views is None else tuple(v.to(device, non_blocking=non_blocking) for v in self.views)
+        return Batch(
+            move(self.images), move(self.labels), move(self.masks), self.captions, move(self.tokens), views  # type: ignore[arg-type]
+        )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -36,7 +43,9 @@ class DataSource(Protocol):
     class_names: list[str]  # of the labelled validation split: zero-shot prompts name them
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
-        """Batches for steps start_step, start_step + 1, ... on the source's device."""
+        """This rank's share of the global batch (batch_size output positions) of steps start_step,
+        start_step + 1, ... on the source's device: positions [r * n, (r + 1) * n), n = batch_size
+        / world_size, of the batch one process would draw. Only those images are read and decoded."""
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """One pass over the validation split, always in the same order."""

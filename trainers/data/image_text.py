@@ -20,16 +20,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .collate import CaptionTokens, Collate
+from .crops import CropPlan
 from .layout import DatasetNotFoundError, class_dirs
-from .real import RealSource, _imagefolder_transforms, _TrainClassesFolder, readable_class_names
-from .shards import IMAGE_EXTENSIONS, Member, scan_members  # the tar index shared with labelled shards
+from .real import WHOLE_IMAGE, RealSource, SeededSamples, _imagefolder_transforms, _TrainClassesFolder, readable_class_names
+from .tar_index import BoundedFiles, Member, image_member, scan_members  # the tar index shared with labelled shards
 
 
 def index_shard(path: Path) -> list[tuple[Member, Member]]:
     """(image, caption) members of every complete sample in one shard, in tar order."""
     pairs = []
     for members in scan_members(path).values():
-        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+        image = image_member(members)
         if image is not None and "txt" in members:
             pairs.append((image, members["txt"]))
     return pairs
@@ -44,25 +46,19 @@ class ShardPairs(Dataset[tuple[Any, str]]):
         self.items: list[tuple[int, Member, Member]] = [
             (i, image, text) for i, shard in enumerate(shards) for image, text in index_shard(shard)
         ]
-        self._files: dict[int, Any] = {}  # open per process: DataLoader workers each get their own
+        # At most OPEN_FILES shards open per process (LAION-style sets have many thousands of shards).
+        self.files = BoundedFiles()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _read(self, shard: int, member: Member) -> bytes:
-        handle = self._files.get(shard)
-        if handle is None:
-            handle = self._files[shard] = open(self.shards[shard], "rb")
-        handle.seek(member[0])
-        return handle.read(member[1])
+        return self.files.read(self.shards[shard], member)
 
     def __getitem__(self, index: int) -> tuple[Any, str]:
         shard, image, text = self.items[index]
         picture = Image.open(io.BytesIO(self._read(shard, image))).convert("RGB")
         return self.transform(picture), self._read(shard, text).decode("utf-8").strip()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": {}}  # file handles do not travel to worker processes
 
 
 class CsvPairs(Dataset[tuple[Any, str]]):
@@ -89,11 +85,15 @@ class CsvPairs(Dataset[tuple[Any, str]]):
 
 def build_image_text(
     name: str, root: Path, val_root: Path, *, img_size: int, seed: int, device: torch.device,
-    num_workers: int, augment: bool = True,
+    num_workers: int, plan: CropPlan | None = None, context_length: int | None = None, rank: int = 0,
+    world_size: int = 1,
 ) -> RealSource:
-    """A RealSource whose training batches carry captions; validation from the labelled val_root."""
+    """A RealSource whose training batches carry captions (and their tokens, made in the loader
+    workers, when context_length is given); validation from the labelled val_root.
+
+    plan: training crops cut from the whole image (DINO); None: RandomResizedCrop + flip."""
     train_tf, val_tf = _imagefolder_transforms(img_size)
-    transform = train_tf if augment else val_tf
+    transform = WHOLE_IMAGE if plan is not None else train_tf
     if name == "webdataset":
         shards = sorted(root.rglob("*.tar"))
         if not shards:
@@ -107,7 +107,9 @@ def build_image_text(
         raise DatasetNotFoundError(f"{name}: no image-text pairs in {root}")
     classes = class_dirs(val_root)
     val = _TrainClassesFolder(val_root, classes, val_tf, allow_empty=True)
+    tokens = CaptionTokens(context_length) if context_length else None
     return RealSource(
-        train, val, num_classes=len(classes), seed=seed, device=device, num_workers=num_workers,
-        class_names=readable_class_names(val_root, classes),
+        SeededSamples(train, plan), SeededSamples(val), num_classes=len(classes), seed=seed, device=device,
+        num_workers=num_workers, class_names=readable_class_names(val_root, classes), plan=plan,
+        collate=Collate(plan, img_size, tokens), rank=rank, world_size=world_size,
     )

@@ -57,3 +57,36 @@ class EpochOrder:
             sel = epochs == epoch
             out[sel] = self.permutation(int(epoch))[offsets[sel]]
         return out
+
+
+SampleKey = tuple[int, "tuple[int, ...] | None"]  # (dataset index, seeds of its output positions; None: evaluation view)
+
+
+def rank_positions(global_batch: int, rank: int, world_size: int) -> range:
+    """The output positions of a step's global batch that rank `rank` trains: a contiguous 1/world_size."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {world_size} workers")
+    share = global_batch // world_size
+    return range(rank * share, (rank + 1) * share)
+
+
+def share_keys(
+    order: EpochOrder, seed: int, step: int, global_batch: int, *, repeats: int = 1, rank: int = 0, world_size: int = 1
+) -> list[SampleKey]:
+    """The samples rank `rank` reads for `step`: one key per distinct image of its share.
+
+    The global batch of a step has `global_batch` output positions; position p shows image
+    p // repeats of the step's ceil(global_batch / repeats) images (EpochOrder) and has its
+    own augmentation seed, derived from (seed, step) for the whole global batch. A rank reads
+    only the images under its positions, each once, with the seeds of its positions there:
+    rank r's share is positions [r * n, (r + 1) * n) of the one-process batch, exactly."""
+    images = order.indices(step, -(-global_batch // repeats)).tolist()
+    seeds = derive_seeds(global_batch, seed, "augment", step)
+    keys: list[SampleKey] = []
+    for p in rank_positions(global_batch, rank, world_size):
+        image = images[p // repeats]
+        if keys and p % repeats and keys[-1][0] == image:
+            keys[-1] = (image, keys[-1][1] + (seeds[p],))  # type: ignore[operator]
+        else:
+            keys.append((image, (seeds[p],)))
+    return keys

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import math
 from itertools import count
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .base import Batch
 from .captions import describe
-from .sampling import EpochOrder, derive_seed
+from .sampling import EpochOrder, derive_seed, share_keys
+
+if TYPE_CHECKING:
+    from .collate import CaptionTokens
+    from .crops import CropPlan
 
 Tensor = torch.Tensor
 
@@ -187,6 +191,12 @@ class ShapesSource:
 
     kinds, object_area, rotation and colours are draw_parameters' (DataConfig's shapes,
     object_area, rotation and colours); their defaults keep the original data set.
+
+    plan: training crops. A generated image has no larger original, so with a plan the image is
+    rendered at img_size and the plan's host-drawn boxes are cut from it on the device
+    (crops.cut_same_size), the same boxes a real source would cut from its decoded image.
+    tokens: tokenise the training captions (CLIP); each image's tokens are kept once made.
+    rank, world_size: train_batches yields rank's share of the global batch (base.py).
     """
 
     has_masks = True
@@ -204,7 +214,13 @@ class ShapesSource:
         object_area: tuple[float, float] = OBJECT_AREA,
         rotation: float = 1.0,
         colours: str = "random",
+        plan: "CropPlan | None" = None,
+        tokens: "CaptionTokens | None" = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        self.plan, self.tokenize, self.rank, self.world_size = plan, tokens, rank, world_size
+        self._tokens: dict[int, Tensor] = {}
         if not 2 <= num_classes <= MAX_CLASSES:
             raise ValueError(
                 f"shapes supports 2 to {MAX_CLASSES} classes ({', '.join(SHAPE_NAMES)}); got num_classes={num_classes}"
@@ -307,8 +323,47 @@ class ShapesSource:
             yield self._render("train", torch.arange(start, min(start + batch_size, n)), size=self.img_size)
 
     def train_batches(self, start_step: int, batch_size: int) -> Iterator[Batch]:
+        repeats = self.plan.repeats if self.plan is not None else 1
         for step in count(start_step):
-            yield self._render("train", self._order.indices(step, batch_size), size=self.img_size)
+            keys = share_keys(
+                self._order, self.seed, step, batch_size, repeats=repeats, rank=self.rank, world_size=self.world_size
+            )
+            rows = torch.tensor([index for index, _ in keys])
+            batch = self._render("train", rows, size=self.img_size)
+            if self.tokenize is not None:
+                batch.tokens = self._to_device(self._caption_tokens(rows.tolist(), batch.captions or []))
+            yield batch if self.plan is None else self._crops(batch, keys)
+
+    def _caption_tokens(self, rows: list[int], captions: list[str]) -> Tensor:
+        """Tokens of the training captions, each image's made once (a caption is a function of its image)."""
+        missing = [(r, c) for r, c in zip(rows, captions) if r not in self._tokens]
+        if missing and self.tokenize is not None:
+            for (r, _), tokens in zip(missing, self.tokenize([c for _, c in missing])):
+                self._tokens[r] = tokens
+        return torch.stack([self._tokens[r] for r in rows])
+
+    def _crops(self, batch: Batch, keys: list) -> Batch:
+        """The plan's crops of the rendered images, one set per output position (crops.py)."""
+        import numpy as np
+
+        from .collate import uniforms_for
+        from .crops import UNIFORMS_PER_CROP, crop_boxes, cut_same_size
+
+        assert self.plan is not None
+        counts = [len(seeds) for _, seeds in keys]
+        owners = np.repeat(np.arange(len(keys)), counts)
+        uniforms = np.concatenate([uniforms_for(self.plan, seeds) for _, seeds in keys])
+        size = np.full(len(owners), self.img_size)
+        views, column = [], 0
+        for group in self.plan.groups:
+            u = uniforms[:, column : column + group.copies].transpose(1, 0, 2).reshape(-1, UNIFORMS_PER_CROP)
+            boxes, flips = crop_boxes(u, np.tile(size, group.copies), np.tile(size, group.copies), group.scale, group.ratio)
+            views.append(cut_same_size(batch.images, np.tile(owners, group.copies), boxes, flips, group.size))
+            column += group.copies
+        at = self._to_device(torch.from_numpy(owners))
+        captions = None if batch.captions is None else [batch.captions[i] for i in owners.tolist()]
+        tokens = None if batch.tokens is None else batch.tokens[at]
+        return Batch(views[0], batch.labels[at], None, captions, tokens, tuple(views))
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         n = len(self._splits["val"][2])

@@ -44,11 +44,10 @@ class Objective(ABC):
 
     name: str
     model: VisionTransformer  # the trained ViT: classifier, DINO student or CLIP image tower
-    # Data-parallel training: (this rank, ranks). An objective that draws batch-level augmentation
-    # (SupervisedObjective with the DeiT-III recipe) is handed the whole global batch and keeps its
-    # share after the draw, which every rank makes alike; the others get their share of the batch.
+    # Data-parallel training: (this rank, ranks). Every objective is handed its rank's share of the
+    # global batch (the data source reads only that); batch-level draws (3-Augment, DINO's jitter
+    # and masks) are made for the global batch and the objective applies its share's rows.
     share: tuple[int, int] = (0, 1)
-    takes_its_own_share: bool = False
 
     def __init__(self, cfg: TrainConfig, data: DataSource, device: torch.device) -> None:
         self.cfg, self.data, self.device = cfg, data, device

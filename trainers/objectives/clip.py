@@ -81,7 +81,9 @@ class ClipObjective(Objective):
         if batch.captions is None:
             raise ValueError(f"objective clip needs captions, and data {self.cfg.data.name!r} gave none")
         image = self.towers.encode_image(batch.images)
-        text = self.towers.encode_text(self.tokens(batch.captions))
+        # The loader tokenises the captions in its workers (Batch.tokens); tokenise here only for a batch without them.
+        tokens = batch.tokens if batch.tokens is not None else self.tokens(batch.captions)
+        text = self.towers.encode_text(tokens)
         scale = self.towers.logit_scale.exp()
         self._terms = {"logit_scale": scale.detach()}
         return self.clip_loss(image, text, scale)

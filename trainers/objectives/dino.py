@@ -2,7 +2,8 @@
 
 Student and teacher are the same ViT (same registers) with a DINO head (lightly's
 DINOProjectionHead: MLP, L2-normalised bottleneck, weight-normalised prototypes). Per step:
-2 global crops (model.img_size) and N local crops (position embeddings interpolated to
+2 global crops (model.img_size) and N local crops, cut by the loader from the whole image
+(trainers/data/crops.py) (position embeddings interpolated to
 their grid: timm's dynamic_img_size); the teacher (an EMA of the student, in eval mode)
 sees the global crops; the student sees all crops, with iBOT masks on some global crops'
 patches (a learned mask token replaces the masked patch embeddings). Loss = DINO [CLS]
@@ -119,11 +120,11 @@ class DinoObjective(Objective):
         self._schedule = self.schedule(step)
         temp = self._schedule["teacher_temp"]
         with_ibot = d.ibot_weight > 0
+        if batch.views is None:
+            raise ValueError("objective dino needs the loader's crops (Batch.views): build the data with training_crops(cfg)")
         views = make_views(
-            batch.images, seed=cfg.seed, step=step, local_crops=d.local_crops, local_size=d.local_crop_size,
-            global_scale=d.global_crop_scale, local_scale=d.local_crop_scale, patch_size=cfg.model.patch_size,
-            mask_ratio=d.ibot_mask_ratio, mask_probability=d.ibot_mask_probability, with_masks=with_ibot,
-            jitter=d.colour_jitter,
+            batch.views, seed=cfg.seed, step=step, patch_size=cfg.model.patch_size, mask_ratio=d.ibot_mask_ratio,
+            mask_probability=d.ibot_mask_probability, with_masks=with_ibot, jitter=d.colour_jitter, share=self.share,
         )
         prefix = self.model.num_prefix_tokens
         s_ibot_head = self.student["ibot_head"] if d.ibot_separate_head else self.student["dino_head"]

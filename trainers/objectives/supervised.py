@@ -1,10 +1,17 @@
 """Supervised classification from [CLS] (DeiT-III's family in the registers paper).
 
-With the `augment` block on, a training batch goes through DeiT-III's recipe on the device:
-repeated augmentation and 3-Augment (trainers/augment.py), then timm's Mixup/CutMix, then
-timm's BinaryCrossEntropy on targets binarised after mixing (or a soft-target / smoothed
+With the `augment` block on, a training batch goes through DeiT-III's recipe: the loader cuts
+the repeated RandomResizedCrops from the whole image (trainers/data/crops.py), the device
+applies the rest of 3-Augment (trainers/augment.py), then timm's Mixup/CutMix, then timm's
+BinaryCrossEntropy on targets binarised after mixing (or a soft-target / smoothed
 cross-entropy). Every random draw of step s is seeded from (seed, s), so the batch and the
 targets of a step do not depend on what ran before it: resume stays exact.
+
+Data parallel: the batch is this rank's share of the global batch. 3-Augment's draws are made
+for the global batch and each rank applies its rows, so every rank's augmented images are
+those one process would make. Mixup/CutMix pairs images within the rank's share, as DeiT does
+per GPU (timm's Mixup mixes a batch with its flip); its lambda and CutMix box come from (seed,
+step), the same on every rank. So with Mixup/CutMix on, the pairs differ from one process's.
 """
 
 from __future__ import annotations
@@ -62,8 +69,7 @@ class SupervisedObjective(Objective):
         if a.three_augment:
             mean, std = pixel_stats(data, cfg.data.name, device)
             self.augment = BatchAugment(
-                seed=cfg.seed, size=cfg.model.img_size, mean=mean, std=std, jitter=a.color_jitter, repeats=a.repeats,
-                batch_size=cfg.optim.batch_size,
+                seed=cfg.seed, mean=mean, std=std, jitter=a.color_jitter, global_batch=cfg.optim.batch_size
             )
         self.mixup = None
         if a.mixing:
@@ -93,26 +99,19 @@ class SupervisedObjective(Objective):
         return self.model
 
     def inputs(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training images and targets of `step`: augmented and mixed when the recipe says so."""
+        """This rank's training images and targets of `step`: augmented and mixed when the recipe says so."""
         images, targets = batch.images, batch.labels
         if self.augment is not None:
-            images, targets = self.augment(images, targets, step)
+            images = self.augment(images, step, self.share)
         if self.mixup is not None:
-            with seeded_numpy(derive_seed(self.cfg.seed, "mixup", step)):
-                images, targets = self.mixup(images, targets)
+            # fp32 with autocast off, whatever the trainer's precision (the mixing writes into the batch).
+            with seeded_numpy(derive_seed(self.cfg.seed, "mixup", step)), torch.autocast(images.device.type, enabled=False):
+                images, targets = self.mixup(images.float(), targets)
         return images, targets
 
-    takes_its_own_share = True
-
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
-        # The recipe's draws (repeats, 3-Augment, Mixup/CutMix pairs) are made on the whole global
-        # batch, the same on every rank; then each rank trains its contiguous share. The loss is a
-        # mean over the share, and DDP's gradient average makes it the global batch's mean.
+        # The loss is a mean over the rank's share; DDP's gradient average makes it the global batch's mean.
         images, targets = self.inputs(batch, step)
-        rank, ranks = self.share
-        if ranks > 1:
-            size = len(images) // ranks
-            images, targets = images[rank * size : (rank + 1) * size], targets[rank * size : (rank + 1) * size]
         return self.criterion(self.forward(images).float(), targets)
 
     def evaluate(self, batch_size: int) -> dict[str, float]:
