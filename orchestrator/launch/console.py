@@ -26,7 +26,9 @@ from orchestrator.trials.records import RECORDS_KEY
 from trainers.probes import names
 
 # Short column names for the study axes; any other swept key shows its last path component.
-AXIS_HEADERS = {"model.num_registers": "registers", "model.size": "size", "steps": "steps", "seed": "seed"}
+AXIS_HEADERS = {
+    "model.num_registers": "registers", "model.register_depth": "reg_depth", "model.size": "size", "steps": "steps", "seed": "seed",
+}
 STATUS_WORDS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "done", "ERROR": "failed"}
 REDRAW_SECONDS = 1.0
 BAR_WIDTH = 24
