@@ -134,7 +134,7 @@ def best_counts(stats: pd.DataFrame) -> list[BestCount]:
         group = group.assign(_later=-group["register_depth"]).sort_values(["num_registers", "_later"])
         best_row = group.loc[(group["mean"] if spec.higher_is_better else -group["mean"]).idxmax()]
         best = (int(best_row["num_registers"]), int(best_row["register_depth"]))
-        others = group[[(int(c), int(d)) != best for c, d in zip(group["num_registers"], group["register_depth"])]]
+        others = group[[(int(c), int(d)) != best for c, d in zip(group["num_registers"], group["register_depth"])]].sort_values(SETTING)
         tied = tuple(setting_label(int(r.num_registers), int(r.register_depth)) for r in others.itertuples() if _overlap(best_row, r))
         min_seeds = int(group["n"].min())
         clear = min_seeds >= 2 and not tied
