@@ -76,7 +76,10 @@ class ModelConfig(Strict):
             raise ValueError(f"register_depth {self.register_depth} is no block of a {depth}-block model (0 to {depth - 1})")
         if self.register_depth and not self.num_registers:
             # Refused rather than ignored: a grid crossing depths with 0 registers would train identical models.
-            raise ValueError(f"register_depth {self.register_depth} places registers, but num_registers is 0")
+            raise ValueError(
+                f"register_depth {self.register_depth} places registers, but num_registers is 0 "
+                "(a no-register baseline is its own launch with register_depth 0: see sweeps/register_depth.yaml)"
+            )
         return self
 
     @property
