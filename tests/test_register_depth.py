@@ -309,3 +309,42 @@ def test_test_time_register_search_and_intervention_on_a_late_model(depth: int) 
     ttr = names.norm_stat("mean", f"reg_{REGS:02d}", names.OUTPUT)  # the test-time register is the last one
     assert moved[ttr] > 10 * moved[names.norm_stat("median", "patch", names.OUTPUT)]
     assert model.num_prefix_tokens == 1 + REGS  # restored on exit
+
+
+def test_inspect_loads_a_late_register_trial_by_run_id_and_adds_a_test_time_register(tmp_path) -> None:
+    """`python -m orchestrator.inspect run:RUN_ID` builds the model from the checkpoint's config,
+    late registers included, and the test-time register works on it (neuron in block 1, registers from 2)."""
+    import json
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+    from planted_neuron import planted_trial_checkpoint
+
+    from orchestrator.inspect.__main__ import main
+
+    cfg = TrainConfig(
+        model=ModelConfig(size="micro", patch_size=4, img_size=32, num_registers=REGS, register_depth=DEPTH_K),
+        data=DataConfig(name="shapes", val_size=64), probe=ProbeConfig(batch_size=32), steps=10, eval_every=0,
+    )
+    checkpoint = planted_trial_checkpoint(tmp_path / "checkpoint_000000", cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("sweep"), tags={
+        "sweep.role": "trial", "checkpoint_uri": str(checkpoint.parent), "mlflow.runName": "micro-r3@2",
+    })
+    client.set_terminated(run.info.run_id, "FINISHED")
+    code = main([f"run:{run.info.run_id}", "--test-time-registers", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    assert code == 0
+    inspected = [r for r in client.search_runs([client.get_experiment_by_name("inspect").experiment_id])]
+    runs = {r.data.tags["inspect.variant"]: r.data for r in inspected}
+    trained, moved = runs["as trained"], runs["test-time register"]
+    assert trained.params["register_depth"] == str(DEPTH_K) and trained.tags["num_registers"] == str(REGS)
+    assert trained.metrics[names.outlier_frac(names.OUTPUT)] == pytest.approx(1 / 8)  # every eighth patch planted
+    assert moved.metrics[names.outlier_frac(names.OUTPUT)] == 0.0
+    ttr = names.norm_stat("mean", f"reg_{REGS:02d}", names.OUTPUT)
+    assert moved.metrics[ttr] > 10 * moved.metrics[names.norm_stat("median", "patch", names.OUTPUT)]
+    assert names.norm_stat("mean", "reg", names.block(DEPTH_K - 1)) not in trained.metrics
+    assert names.norm_stat("mean", "reg", names.block(DEPTH_K)) in trained.metrics
+    summary = json.loads(Path(tmp_path / "out" / "summary.json").read_text())
+    assert [s["variant"] for s in summary] == ["as trained", "test-time register"]
+    assert f"{REGS} from block {DEPTH_K}" in (tmp_path / "out" / "report.md").read_text()
