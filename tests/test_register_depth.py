@@ -335,7 +335,8 @@ def test_inspect_loads_a_late_register_trial_by_run_id_and_adds_a_test_time_regi
     client.set_terminated(run.info.run_id, "FINISHED")
     code = main([f"run:{run.info.run_id}", "--test-time-registers", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
     assert code == 0
-    inspected = [r for r in client.search_runs([client.get_experiment_by_name("inspect").experiment_id])]
+    inspected = client.search_runs([client.get_experiment_by_name("inspect").experiment_id])
+    inspected = [r for r in inspected if r.data.tags.get("sweep.role") == "inspection"]
     runs = {r.data.tags["inspect.variant"]: r.data for r in inspected}
     trained, moved = runs["as trained"], runs["test-time register"]
     assert trained.params["register_depth"] == str(DEPTH_K) and trained.tags["num_registers"] == str(REGS)
@@ -348,3 +349,48 @@ def test_inspect_loads_a_late_register_trial_by_run_id_and_adds_a_test_time_regi
     summary = json.loads(Path(tmp_path / "out" / "summary.json").read_text())
     assert [s["variant"] for s in summary] == ["as trained", "test-time register"]
     assert f"{REGS} from block {DEPTH_K}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, cfg_json: str, out: str) -> None:
+    """One data-parallel rank (gloo): three steps on the global batches, then its parameters to `out`."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        cfg = TrainConfig.model_validate_json(cfg_json)
+        trainer = Trainer(cfg, CPU, rank=rank, world_size=world_size)
+        batches = trainer.data.train_batches(0, cfg.optim.batch_size)
+        for _ in range(3):
+            trainer.train_step(next(batches))
+        torch.save(trainer.model.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch and timm: ~30 s on 2 cores, no Ray
+def test_two_ddp_ranks_train_late_registers_as_one_process_does(tmp_path) -> None:
+    """Under DDP (the multi-worker trials' path, without Ray here) the late registers get their
+    gradient averaged like every parameter: both ranks end where one process on the whole batch ends."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = trainer_config()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, cfg.model_dump_json(), str(tmp_path)), nprocs=2, join=True)
+    single = Trainer(cfg, CPU)
+    batches = single.data.train_batches(0, cfg.optim.batch_size)
+    for _ in range(3):
+        single.train_step(next(batches))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    start = Trainer(cfg, CPU).model.state_dict()  # the same seed: the ranks' and the process's first weights
+    assert not torch.equal(ranks[0]["reg_token"], start["reg_token"])  # the late registers trained
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+        # Float sums in another order move Adam's steps a little where a gradient is near zero:
+        # each parameter ends within 1% of how far it moved.
+        moved = float((value - start[key]).abs().max())
+        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=0.01 * moved + 1e-7, msg=key)
