@@ -50,7 +50,7 @@ SHRINK = [
 ]
 
 
-@pytest.mark.slow  # two launches (4 + 1 micro trials) and the analysis: ~9 min on 2 cores shared with other jobs at 300 steps
+@pytest.mark.slow  # two launches (4 + 1 micro trials) and the analysis: 4 min 43 s on 2 cores shared with other jobs
 def test_cpu_depth_sweep_then_analysis_groups_by_registers_and_depth(tmp_path: Path) -> None:
     shutil.copytree(SWEEPS, tmp_path / "sweeps")
     spec = "sweeps/register_depth_cpu.yaml"

@@ -17,7 +17,8 @@ forward_intermediates, `checkpoint_seq` for gradient checkpointing (the hook run
 recomputation), DINO's encode, CLIP's image tower, DDP and torch.compile (dynamo traces module
 hooks registered before compiling). Block indices stay those of the model, so per-block probes
 keep their meaning. A bound method is the hook so that `copy.deepcopy` and pickling carry it
-over to the copy's own `reg_token`.
+over to the copy's own `reg_token`. The state_dict keys are depth 0's, so a state dict loads
+at any depth: the depth is the config's (checkpoints carry it; inspection builds from it).
 
 Blocks before k see only [CLS] as prefix: `prefix_tokens_at(model, block)` gives
 the count per block, and `forward_intermediates` is overridden to split each block's tokens there.
