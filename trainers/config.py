@@ -41,6 +41,12 @@ class ModelConfig(Strict):
     patch_size: int = Field(default=16, gt=0)
     img_size: int = Field(default=224, gt=0)
     num_registers: int = Field(default=0, ge=0, strict=True)
+    register_depth: int = Field(
+        default=0,
+        ge=0,
+        strict=True,
+        description="index of the block before which the registers enter the sequence; 0 = at the input (the paper)",
+    )
     mlp_ratio: float = Field(default=4.0, gt=0)
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
     drop_path_mode: Literal["linear", "uniform"] = Field(
@@ -63,9 +69,17 @@ class ModelConfig(Strict):
             raise ValueError("with size: null, set embed_dim, depth and num_heads")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        dim, _, heads = self.dims
+        dim, depth, heads = self.dims
         if dim % heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+        if self.register_depth >= depth:
+            raise ValueError(f"register_depth {self.register_depth} is no block of a {depth}-block model (0 to {depth - 1})")
+        if self.register_depth and not self.num_registers:
+            # Refused rather than ignored: a grid crossing depths with 0 registers would train identical models.
+            raise ValueError(
+                f"register_depth {self.register_depth} places registers, but num_registers is 0 "
+                "(a no-register baseline is its own launch with register_depth 0: see sweeps/register_depth.yaml)"
+            )
         return self
 
     @property

@@ -10,18 +10,24 @@ from trainers.config import ClipConfig, DinoConfig, ModelConfig, TrainConfig
 
 
 def forward_macs_per_image(cfg: ModelConfig, num_classes: int) -> int:
-    """Multiply-accumulates of one forward pass, counting registers in the token count.
+    """Multiply-accumulates of one forward pass, counting registers in the token count of the
+    blocks they pass through.
 
     Per block with T tokens of width D and MLP ratio r: QKV and output projections
     4*T*D^2, MLP 2*r*T*D^2, attention scores and weighted sum 2*T^2*D. Patch embedding
     and the head are added; norms, softmax and GELU are ignored (under 1%).
     """
     dim, depth, _ = cfg.dims
-    tokens = cfg.num_patches + 1 + cfg.num_registers
-    per_block = (4 + 2 * cfg.mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
+
+    def per_block(tokens: int) -> float:
+        return (4 + 2 * cfg.mlp_ratio) * tokens * dim * dim + 2 * tokens * tokens * dim
+
+    # Late registers (register_depth k) are absent from the first k blocks.
+    early = cfg.register_depth
+    blocks = early * per_block(cfg.num_patches + 1) + (depth - early) * per_block(cfg.num_patches + 1 + cfg.num_registers)
     patch_embed = cfg.num_patches * 3 * cfg.patch_size**2 * dim
     head = dim * num_classes
-    return int(depth * per_block + patch_embed + head)
+    return int(blocks + patch_embed + head)
 
 
 def train_flops_per_image(cfg: ModelConfig, num_classes: int) -> int:

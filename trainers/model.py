@@ -4,6 +4,9 @@ Registers are placed as the paper places them (Darcet et al. 2023, Sec. 3): N le
 tokens after [CLS] and before the patches, with no position embedding, dropped at the
 output. timm does exactly this with `reg_tokens=N, no_embed_class=True`; with
 `no_embed_class=False` it would add position embeddings to [CLS] and the registers.
+
+`model.register_depth` k > 0 moves the registers' entry from the input to just before block k
+(trainers/late_registers.py); k = 0 builds timm's model unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
 from trainers.config import ModelConfig
+from trainers.late_registers import LateRegisterViT, prefix_tokens_at, register_depth  # noqa: F401 (re-exported)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = False) -> VisionTransformer:
@@ -21,7 +25,11 @@ def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = 
     dynamic_img_size: accept other input sizes, with the patch position embeddings
     interpolated to the input's grid (DINO's local crops)."""
     dim, depth, heads = cfg.dims
-    model = VisionTransformer(
+    # Depth 0 is timm's own class, so today's models stay exactly what they were. The subclass
+    # runs timm's constructor unchanged (same parameters, same initialisation, same RNG draws).
+    late = {"register_depth": cfg.register_depth} if cfg.register_depth else {}
+    model = (LateRegisterViT if late else VisionTransformer)(
+        **late,
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
         num_classes=num_classes,
@@ -53,12 +61,15 @@ def drop_path_rates(model: VisionTransformer) -> list[float]:
     return [float(getattr(block.drop_path1, "drop_prob", 0.0)) for block in model.blocks]
 
 
-def patch_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
-    """Patch tokens of an NLC token tensor. The prefix is [CLS] + registers: never slice a literal 1."""
-    return tokens[:, model.num_prefix_tokens :]
+def patch_tokens(tokens: torch.Tensor, model: VisionTransformer, block: int | None = None) -> torch.Tensor:
+    """Patch tokens of an NLC token tensor at the output, or at `block`. The prefix is [CLS] +
+    registers: never slice a literal 1."""
+    prefix = model.num_prefix_tokens if block is None else prefix_tokens_at(model, block)
+    return tokens[:, prefix:]
 
 
-def register_tokens(tokens: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
-    """Register tokens of an NLC token tensor (empty along dim 1 when there are none)."""
+def register_tokens(tokens: torch.Tensor, model: VisionTransformer, block: int | None = None) -> torch.Tensor:
+    """Register tokens of an NLC token tensor at the output, or at `block` (empty along dim 1 when there are none)."""
     start = 1 if model.cls_token is not None else 0
-    return tokens[:, start : model.num_prefix_tokens]
+    prefix = model.num_prefix_tokens if block is None else prefix_tokens_at(model, block)
+    return tokens[:, start:prefix]

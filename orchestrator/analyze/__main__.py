@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for reason in rec.missing:
             print(f"  - {reason}")
     else:
-        print(f"recommended registers: {rec.num_registers if rec.num_registers is not None else 'none'}"
+        print(f"recommended registers: {rec.label or 'none'}"  # '4', or '4@3' for 4 entering before block 3
               + ("" if rec.can_tell else " (the sweep cannot tell with confidence)"))
     if result.analysis_run_id:
         print(f"analysis run: {result.analysis_run_id}")

@@ -74,10 +74,12 @@ def pick_trial(
     size: str | None = None,
     prefer_registers: int | None = None,
     max_listed: int = 20,
+    prefer_depth: int | None = None,
 ) -> Trial | None:
     """A trial with probe artifacts: the largest size, longest training, given register count.
 
-    registers=None means "any count > 0", preferring `prefer_registers` when it has artifacts.
+    registers=None means "any count > 0", preferring `prefer_registers` (entering at `prefer_depth`,
+    when given) when it has artifacts; otherwise registers from the input come first.
     At most `max_listed` runs are listed, so a big sweep without artifacts stays fast.
     """
     pool = [
@@ -89,8 +91,10 @@ def pick_trial(
 
     def rank(t: Trial) -> tuple:
         preferred = 0 if prefer_registers is not None and t.num_registers == prefer_registers else 1
+        if preferred == 0 and prefer_depth is not None and t.register_depth != prefer_depth:
+            preferred = 1
         size_rank = cat.size_sort_key(t.model_size)
-        return (preferred, -size_rank[0], size_rank[1], -t.steps, -t.num_registers, t.seed)
+        return (preferred, -size_rank[0], size_rank[1], -t.steps, -t.num_registers, t.register_depth, t.seed)
 
     for trial in sorted(pool, key=rank)[:max_listed]:
         if reader.probe_steps(trial.run_id):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from orchestrator.stores.axes import (  # noqa: F401 (the analysis's names)
     AXIS_OBJECTIVE,
+    AXIS_REGISTER_DEPTH,
     AXIS_REGISTERS,
     AXIS_SEED,
     AXIS_SIZE,
@@ -37,6 +38,7 @@ AXIS_PARAM_FALLBACK = {
     AXIS_STEPS: "steps",
     AXIS_SEED: "seed",
     AXIS_OBJECTIVE: "objective",
+    AXIS_REGISTER_DEPTH: "model.register_depth",  # runs from before the key have neither: depth 0
 }
 
 OUTLIER_PREFIX = names.outlier_frac("")  # 'probe/outlier_frac/' (the scale-free detector)

@@ -85,17 +85,22 @@ def register_effect_figure(stats: pd.DataFrame, steps_used: dict[str, int], out:
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     sizes = sorted(stats["group"].unique(), key=cat.group_sort_key)
+    depth_of = stats["register_depth"] if "register_depth" in stats else pd.Series(0, index=stats.index)
     for ax, spec in zip(axes.flat, metrics):
         for size in sizes:
             steps = steps_used.get(size, stats[stats["group"] == size]["steps"].max())
-            sel = stats[(stats["group"] == size) & (stats["steps"] == steps) & (stats["metric"] == spec.short)]
-            sel = sel.sort_values("num_registers")
-            if sel.empty:
-                continue
-            x = [position[c] for c in sel["num_registers"]]
-            low = (sel["mean"] - sel["ci_low"]).fillna(0).clip(lower=0)
-            high = (sel["ci_high"] - sel["mean"]).fillna(0).clip(lower=0)
-            ax.errorbar(x, sel["mean"], yerr=[low, high], marker="o", capsize=3, label=f"{size} ({steps} steps)")
+            cell = (stats["group"] == size) & (stats["steps"] == steps) & (stats["metric"] == spec.short)
+            # One line per entry depth: registers from the input solid, later entries dashed from the same
+            # no-register point (registers.py's settings; the depth figure shows the other cut).
+            for depth in sorted(depth_of[cell].unique()):
+                sel = stats[cell & ((depth_of == depth) | (stats["num_registers"] == 0))].sort_values("num_registers")
+                if sel.empty or not (sel["num_registers"] > 0).any() and depth:
+                    continue
+                x = [position[c] for c in sel["num_registers"]]
+                low = (sel["mean"] - sel["ci_low"]).fillna(0).clip(lower=0)
+                high = (sel["ci_high"] - sel["mean"]).fillna(0).clip(lower=0)
+                label = f"{size} ({steps} steps)" + (f", registers from block {depth}" if depth else "")
+                ax.errorbar(x, sel["mean"], yerr=[low, high], marker="o", capsize=3, label=label, linestyle="--" if depth else "-")
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("number of registers")
         arrow = "higher is better" if spec.higher_is_better else "lower is better"

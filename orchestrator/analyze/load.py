@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.errors import AnalysisError
-from orchestrator.stores.axes import AXIS_PREFIX, LEGACY_DUPLICATES, STUDY_AXES
+from orchestrator.stores.axes import AXIS_PREFIX, AXIS_REGISTER_DEPTH, LEGACY_DUPLICATES, STUDY_AXES
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from orchestrator.stores.reachable import is_sql, store_problem
 
@@ -41,6 +41,7 @@ class Trial:
     objective: str = cat.DEFAULT_OBJECTIVE  # supervised | dino | clip: the analysis groups by it
     num_classes: int | None = None  # of the data it trained on; None when unknown
     launch_run_id: str = ""  # the parent run of the launch that ran the trial
+    register_depth: int = 0  # the block before which the registers enter; 0 = at the input
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _dedupe_points(frame: pd.DataFrame) -> pd.DataFrame:
 
 # Any axis.* tag besides the study axes is a further swept key (orchestrator/stores/axes.py);
 # runs of older stores repeat two study axes under their config paths, which are no further keys.
-_STUDY_AXES = (*STUDY_AXES.values(), *LEGACY_DUPLICATES)
+_STUDY_AXES = (*STUDY_AXES.values(), *LEGACY_DUPLICATES, AXIS_REGISTER_DEPTH)
 
 
 def _axis(run: _RawRun, tag: str) -> str | None:
@@ -251,7 +252,8 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         seed = _axis(run, cat.AXIS_SEED) or run.run_id[:8]  # no seed recorded: every run is its own replicate
         objective = _axis(run, cat.AXIS_OBJECTIVE) or cat.DEFAULT_OBJECTIVE
         trial_id = run.tags.get(cat.TRIAL_ID_TAG, "")
-        axes = f"size={size} registers={regs} steps={steps} seed={seed}"
+        depth = _axis(run, cat.AXIS_REGISTER_DEPTH) or "0"
+        axes = f"size={size} registers={regs} steps={steps} seed={seed}" + (f" depth={depth}" if depth != "0" else "")
         if run.status != "FINISHED":
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, f"status {run.status}", axes, objective))
             continue
@@ -262,12 +264,15 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             trial = Trial(
                 run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
                 objective=objective, num_classes=_num_classes(run), launch_run_id=run.tags.get(cat.PARENT_TAG, ""),
+                register_depth=int(str(depth)),
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective))
             continue
-        setting = (trial.objective, trial.model_size, trial.num_registers, trial.steps, trial.seed, trial.other_axes)
+        setting = (
+            trial.objective, trial.model_size, trial.num_registers, trial.register_depth, trial.steps, trial.seed, trial.other_axes
+        )
         if setting in kept:  # a later launch re-ran the same setting and seed: keep the newest
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)

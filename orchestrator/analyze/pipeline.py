@@ -23,10 +23,12 @@ from orchestrator.analyze.figures import (
 from orchestrator.analyze.load import Sweep, load_sweep
 from orchestrator.analyze.probe_figures import probe_figures
 from orchestrator.analyze.publish import log_analysis_run
+from orchestrator.analyze.register_figures import register_depth_figure
 from orchestrator.analyze.registers import (
     best_counts,
     recommend,
     register_stats,
+    setting_label,
 )
 from orchestrator.analyze.report import write_outputs
 from orchestrator.analyze.result import AnalysisResult
@@ -88,7 +90,8 @@ def analyse_sweep(
     _draw_metric_figures(result, points)
     with tempfile.TemporaryDirectory(prefix="analysis-artifacts-") as cache:
         reader = ArtifactReader(MlflowClient(tracking_uri=sweep.tracking_uri), Path(cache))
-        figures, notes = probe_figures(reader, sweep.trials, out / "figures", result.recommendation.num_registers)
+        rec = result.recommendation
+        figures, notes = probe_figures(reader, sweep.trials, out / "figures", rec.num_registers, rec.register_depth)
     result.figures.update(figures)
     result.caveats += notes + [f"could not read {m}" for m in reader.missing[:10]]
     result.report_path = write_outputs(result)
@@ -104,6 +107,9 @@ def _draw_metric_figures(result: AnalysisResult, points: pd.DataFrame) -> None:
         name = group.replace("/", "-")  # 'dino/mini' -> emergence_depth_dino-mini
         drawn[f"emergence_depth_{name}"] = emergence_depth_figure(points, group, result.threshold, folder / f"emergence_depth_{name}.png")
     drawn["register_effect"] = register_effect_figure(result.stats, result.recommendation.steps_used, folder / "register_effect.png")
+    drawn["register_depth_effect"] = register_depth_figure(
+        result.stats, result.recommendation.steps_used, folder / "register_depth_effect.png"
+    )
     result.figures.update({name: path for name, path in drawn.items() if path is not None})
 
 
@@ -126,11 +132,11 @@ def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
         caveats.append(
             f"Other swept keys ({', '.join(varied)}) are pooled with the seeds: means and intervals mix their values."
         )
-    seeds = trials.groupby(["objective", "model_size", "num_registers", "steps"])["seed"].nunique()
+    seeds = trials.groupby(["objective", "model_size", "num_registers", "register_depth", "steps"])["seed"].nunique()
     if seeds.max() < 2:
         caveats.append("One seed per setting: no confidence intervals, so the sweep cannot tell close results apart.")
     elif seeds.min() < 2:
-        single = ", ".join(f"{o} {s} r{r} {n} steps" for (o, s, r, n) in seeds[seeds < 2].index[:8])
+        single = ", ".join(f"{o} {s} r{setting_label(r, d)} {n} steps" for (o, s, r, d, n) in seeds[seeds < 2].index[:8])
         caveats.append(f"Some settings have one seed only ({single}): their intervals are undefined.")
     if (trials["num_registers"] == 0).sum() == 0:
         caveats.append("No trial without registers: the emergence of artifacts cannot be mapped.")

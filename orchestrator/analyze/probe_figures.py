@@ -28,14 +28,15 @@ MAX_IMAGES = 3
 
 
 def probe_figures(
-    reader: ArtifactReader, trials: list[Trial], out_dir: Path, prefer_registers: int | None
+    reader: ArtifactReader, trials: list[Trial], out_dir: Path, prefer_registers: int | None, prefer_depth: int | None = None
 ) -> tuple[dict[str, Path], list[str]]:
     """Draw every probe figure the artifacts allow. Returns {figure name: path} and notes on what is missing."""
     figures: dict[str, Path] = {}
     notes: list[str] = []
     base = pick_trial(reader, trials, registers=0)
     regs = pick_trial(
-        reader, trials, registers=None, size=base.model_size if base else None, prefer_registers=prefer_registers
+        reader, trials, registers=None, size=base.model_size if base else None, prefer_registers=prefer_registers,
+        prefer_depth=prefer_depth,
     )
     if base is None and regs is None:
         notes.append("No trial has probe artifacts (probes/step_*/): the norm and attention figures are missing.")
@@ -61,7 +62,8 @@ def probe_figures(
 
 def _describe(trial: Trial, step: int) -> str:
     family = "" if trial.objective == cat.DEFAULT_OBJECTIVE else f"{trial.objective} "
-    return f"{family}{trial.model_size}, {trial.num_registers} reg., step {step}/{trial.steps}, seed {trial.seed}"
+    registers = f"{trial.num_registers} reg." + (f" from block {trial.register_depth}" if trial.register_depth else "")
+    return f"{family}{trial.model_size}, {registers}, step {step}/{trial.steps}, seed {trial.seed}"
 
 
 def _norm_hist(base, base_norms, regs, reg_norms, out: Path) -> Path:
@@ -143,7 +145,8 @@ def _attention(base, base_attn, regs, reg_attn, out: Path) -> Path:
     if base_attn is not None:
         columns.append((f"[CLS], no registers\n{base.model_size}, step {base_attn[0]}", base_attn[1]["cls_attn"]))
     if reg_attn is not None:
-        columns.append((f"[CLS], {regs.num_registers} registers\nstep {reg_attn[0]}", reg_attn[1]["cls_attn"]))
+        late = f" from block {regs.register_depth}" if regs.register_depth else ""
+        columns.append((f"[CLS], {regs.num_registers} registers{late}\nstep {reg_attn[0]}", reg_attn[1]["cls_attn"]))
         columns.extend((f"register {r}", reg_attn[1]["reg_attn"][:, r]) for r in range(n_reg))
     fig, axes = plt.subplots(len(images), len(columns), figsize=(2.2 * len(columns), 2.3 * len(images)), squeeze=False)
     for row, image in enumerate(images):

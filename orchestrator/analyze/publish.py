@@ -64,6 +64,9 @@ def log_analysis_run(result: AnalysisResult) -> str:
     }
     if rec.num_registers is not None:
         metrics["recommended_num_registers"] = rec.num_registers
+    if rec.covers_depth and rec.register_depth is not None:  # the rule chose a (count, depth) pair
+        params["recommended_register_depth"] = str(rec.register_depth)
+        metrics["recommended_register_depth"] = rec.register_depth
     for p in result.emergence:
         # Supervised keys keep their pre-objective names (emergence/mini/...); others add the objective.
         group = _group(p.objective, p.model_size)

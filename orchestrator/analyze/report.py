@@ -15,12 +15,13 @@ from orchestrator.analyze import test_time
 from orchestrator.analyze.emergence import emergence_table
 from orchestrator.analyze.learning import RULE as LEARNING_RULE
 from orchestrator.analyze.learning import learning_table
-from orchestrator.analyze.registers import metric_table
+from orchestrator.analyze.register_tables import depth_grids, metric_table
 from orchestrator.analyze.result import AnalysisResult
 
 FIGURE_TITLES = {
     "emergence_progress": "Outlier fraction against training progress and model size",
     "register_effect": "Metrics against the number of registers (paper Fig. 8)",
+    "register_depth_effect": "Metrics against the block where the registers enter, per register count",
     "norm_hist_output": "Output norm histogram without and with registers (paper Fig. 3, 7)",
     "norm_distributions": "Norm distribution against block, training step and model size (paper Fig. 4 a-c)",
     "attention_maps": "CLS-token and register attention maps (paper Fig. 1, 9)",
@@ -50,14 +51,17 @@ def best_table(result: AnalysisResult) -> pd.DataFrame:
             "metric": b.metric,
             "direction": "higher" if cat.METRICS_BY_SHORT[b.metric].higher_is_better else "lower",
             "best_num_registers": b.best,
+            "best_register_depth": b.register_depth,
             "mean": round(b.mean, 4),
             "seeds": b.min_seeds,
             "clear": "yes" if b.clear else ("no (one seed)" if b.min_seeds < 2 else "no (overlaps " + ", ".join(map(str, b.tied_with)) + ")"),
         }
         for b in result.best
     ]
-    columns = ["objective", "model_size", "steps", "metric", "direction", "best_num_registers", "mean", "seeds", "clear"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["objective", "model_size", "steps", "metric", "direction", "best_num_registers", "best_register_depth", "mean", "seeds", "clear"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # The depth column only where the sweep placed registers later than the input.
+    return frame if result.recommendation.covers_depth else frame.drop(columns="best_register_depth")
 
 
 def skipped_table(result: AnalysisResult) -> pd.DataFrame:
@@ -100,11 +104,15 @@ def summary(result: AnalysisResult) -> dict:
         "best": [asdict(b) for b in result.best],
         "recommendation": {
             "num_registers": rec.num_registers,
+            "register_depth": rec.register_depth,
+            "covers_depth": rec.covers_depth,
             "metric": rec.metric,
             "rule": rec.rule,
             "can_tell": rec.can_tell,
             "per_size": rec.per_size,
             "per_objective": rec.per_objective,
+            "per_size_depth": rec.per_size_depth,
+            "per_objective_depth": rec.per_objective_depth,
             "steps_used": rec.steps_used,
             "missing": rec.missing,
             "evidence": rec.evidence,
@@ -127,8 +135,9 @@ def _join(items: Sequence[object]) -> str:
 def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
     sweep, rec, thr = result.sweep, result.recommendation, result.threshold
     trials = sweep.trials_frame()
-    seeds = trials.groupby(["objective", "model_size", "num_registers", "steps"])["seed"].nunique()
+    seeds = trials.groupby(["objective", "model_size", "num_registers", "register_depth", "steps"])["seed"].nunique()
     objectives = sorted(trials["objective"].unique(), key=cat.objective_sort_key)
+    depths = sorted(trials["register_depth"].unique())
     lines = [
         f"# Sweep analysis: {sweep.experiment_name}",
         "",
@@ -138,7 +147,8 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         f"Objectives: {_join(objectives)}; "
         f"model sizes: {_join(sorted(trials['model_size'].unique(), key=cat.size_sort_key))}; "
         f"register counts: {_join(sorted(trials['num_registers'].unique()))}; "
-        f"training lengths: {_join(sorted(trials['steps'].unique()))} steps; "
+        + (f"register depths (the block the registers enter before): {_join(depths)}; " if depths != [0] else "")
+        + f"training lengths: {_join(sorted(trials['steps'].unique()))} steps; "
         f"seeds per setting: {seeds.min()}" + (f" to {seeds.max()}" if seeds.max() != seeds.min() else "") + ".",
         f"An artifact is a patch token the scale-free detector flags as a high-norm outlier "
         f"(`{cat.OUTLIER_PREFIX}<location>`); artifacts are present where that fraction exceeds {thr:g}.",
@@ -170,14 +180,24 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         f"Recommendation rule: {rec.rule}.",
         "",
     ]
+    if rec.covers_depth:
+        lines += [
+            "The sweep placed registers at several depths: each setting is a register count and the block before "
+            "which the registers enter (`register_depth`, 0 = at the input). Below each table, one grid per metric "
+            "with the count down and the depth across.",
+            "",
+        ]
     for objective, size, steps in _size_lengths(result.stats):
         table = metric_table(result.stats, size, steps, objective)
         lines += [f"### {objective}, {size}, {steps} training steps", "", markdown_table(table), ""]
+        for spec, grid in depth_grids(result.stats, size, steps, objective):
+            lines += [f"{spec.label}, against (registers, depth):", "", markdown_table(grid), ""]
     if result.stats.empty:
         lines += ["No register metrics were logged.", ""]
     best = best_table(result)
-    lines += ["### Best register count per objective, size and metric", "", markdown_table(best) if not best.empty else "none", ""]
-    lines += _figure_links(result, lambda name: name == "register_effect")
+    what = "setting (count, depth)" if rec.covers_depth else "count"
+    lines += [f"### Best register {what} per objective, size and metric", "", markdown_table(best) if not best.empty else "none", ""]
+    lines += _figure_links(result, lambda name: name in ("register_effect", "register_depth_effect"))
     lines += _test_time_lines(result)
     lines += ["## Norms and attention (probe artifacts)", ""]
     lines += _figure_links(result, lambda name: name in ("norm_hist_output", "norm_distributions", "attention_maps"))
@@ -236,17 +256,26 @@ def _findings(result: AnalysisResult) -> list[str]:
         lines += [f"  - {reason}" for reason in rec.missing]
         return lines
     if rec.num_registers is not None:
-        per_size = ", ".join(f"{s}: {v if v is not None else 'none'}" for s, v in rec.per_size.items())
-        lines.append(f"- **Recommended number of registers: {rec.num_registers}** (by {metric.label}; per size: {per_size}).")
+        per_size = ", ".join(f"{s}: {rec.size_label(s)}" for s in rec.per_size)
+        if rec.covers_depth:
+            where = "at the input" if not rec.register_depth else f"before block {rec.register_depth}"
+            lines.append(
+                f"- **Recommended registers: {rec.num_registers}, entering {where} ({rec.label})** "
+                f"(by {metric.label}, over register count and depth; per size: {per_size})."
+            )
+        else:
+            lines.append(f"- **Recommended number of registers: {rec.num_registers}** (by {metric.label}; per size: {per_size}).")
         lines.append(f"  - Rule: {rec.rule}.")
         lines += [f"  - Evidence, {sentence}" for sentence in rec.evidence]
     else:
-        lines.append("- **No register count can be recommended** by the rule below.")
+        what = "register setting (count, depth)" if rec.covers_depth else "register count"
+        lines.append(f"- **No {what} can be recommended** by the rule below.")
     if len(rec.per_objective) > 1:
-        per_objective = ", ".join(f"{o}: {v if v is not None else 'none'}" for o, v in rec.per_objective.items())
+        per_objective = ", ".join(f"{o}: {rec.objective_label(o)}" for o in rec.per_objective)
         lines.append(f"- Per objective (the rule within each objective's sizes): {per_objective}.")
     if not rec.can_tell:
-        lines.append("- The sweep cannot tell the best register count with confidence: see the sentences below.")
+        what = "register setting" if rec.covers_depth else "register count"
+        lines.append(f"- The sweep cannot tell the best {what} with confidence: see the sentences below.")
     lines += [f"- {sentence}" for sentence in rec.verdict]
     return lines
 

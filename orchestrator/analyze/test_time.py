@@ -22,7 +22,7 @@ import pandas as pd
 
 from orchestrator.analyze import catalog as cat
 from orchestrator.analyze.load import Sweep, Trial
-from orchestrator.analyze.registers import t_interval
+from orchestrator.analyze.registers import setting_label, t_interval, with_groups
 from orchestrator.stores.trial_checkpoints import StoreError, trial_checkpoint
 
 MOVED, NOTHING, UNREADABLE = "moved", "no outliers to move", "no checkpoint"
@@ -130,10 +130,14 @@ def comparison_table(stats: pd.DataFrame, ttr: TestTimeComparison, size: str, st
     def cell(n: int, mean: float, low: float, high: float) -> str:
         return f"{mean:.4g} (n=1)" if n < 2 else f"{mean:.4g} [{low:.4g}, {high:.4g}]"
 
-    sel = stats[(stats["model_size"] == size) & (stats["steps"] == steps)]
+    sel = with_groups(stats)
+    sel = sel[(sel["model_size"] == size) & (sel["steps"] == steps)]
     rows: dict[str, dict[str, str]] = {}
+    order_of: dict[str, tuple[int, int]] = {}
     for r in sel.itertuples():
-        label = "none" if int(r.num_registers) == 0 else f"{int(r.num_registers)} trained"
+        setting = (int(r.num_registers), int(r.register_depth))
+        label = "none" if setting[0] == 0 else f"{setting_label(*setting)} trained"  # '4@3': entering before block 3
+        order_of[label] = setting
         rows.setdefault(label, {})[r.metric] = cell(r.n, r.mean, r.ci_low, r.ci_high)
     mine = ttr.stats[(ttr.stats["model_size"] == size) & (ttr.stats["steps"] == steps)]
     trials = ttr.trials[(ttr.trials["model_size"] == size) & (ttr.trials["steps"] == steps)] if not ttr.trials.empty else ttr.trials
@@ -141,7 +145,7 @@ def comparison_table(stats: pd.DataFrame, ttr: TestTimeComparison, size: str, st
         rows[TTR_ROW] = {r.metric: cell(r.n, r.mean, r.ci_low, r.ci_high) for r in mine.itertuples()}
     elif len(trials):
         rows[TTR_ROW] = {m.short: ", ".join(sorted(set(trials["status"]))) for m in cat.REGISTER_METRICS}
-    order = ["none", TTR_ROW] + sorted((k for k in rows if k.endswith(" trained")), key=lambda k: int(k.split()[0]))
+    order = ["none", TTR_ROW] + sorted((k for k in rows if k.endswith(" trained")), key=lambda k: order_of[k])
     columns = [m.short for m in cat.REGISTER_METRICS if any(m.short in rows[k] for k in rows)]
     table = pd.DataFrame([{"registers": k, **{c: rows[k].get(c, "missing") for c in columns}} for k in order if k in rows])
     return table

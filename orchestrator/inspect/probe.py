@@ -16,6 +16,7 @@ from orchestrator.inspect.sources import TRIAL, ResolvedModel
 from trainers.config import ProbeConfig
 from trainers.data.images import load_images
 from trainers.data.real import IMAGENET_STATS
+from trainers.model import register_depth
 from trainers.pretrained import load_timm, load_trial_checkpoint
 from trainers.test_time import TestTimeRegisterConfig, default_config
 from trainers.test_time.compare import Comparison, compare, compare_on_trial
@@ -57,6 +58,7 @@ class Inspection:
     note: str = ""
     seconds: float = 0.0
     run_id: str | None = None
+    register_depth: int = 0  # the block the trained registers enter before (0: the input)
 
     @property
     def column(self) -> str:
@@ -111,7 +113,7 @@ def _inspections(
 ) -> list[Inspection]:
     common = {
         "label": item.label, "kind": item.kind, "model_name": model_name, "num_registers": int(model.num_reg_tokens),
-        "depth": len(model.blocks), "patch_size": int(model.patch_embed.patch_size[0]), "img_size": img_size,
+        "depth": len(model.blocks), "register_depth": register_depth(model), "patch_size": int(model.patch_embed.patch_size[0]), "img_size": img_size,
         "data": data, "cutoff": cutoff,
     }
     search = result.search.summary() if result.search is not None else None

@@ -58,7 +58,7 @@ def summary_frame(inspections: Sequence[Inspection]) -> pd.DataFrame:
         rows.append({
             "model": item.column,
             "source": item.kind,
-            "trained registers": item.num_registers,
+            "trained registers": item.num_registers if not item.register_depth else f"{item.num_registers} from block {item.register_depth}",
             "input": f"{item.img_size}px, patch {item.patch_size} ({grid}x{grid})",
             "blocks": item.depth,
             "outlier frac. (robust)": _get(s, names.outlier_frac(names.OUTPUT)),

@@ -30,6 +30,7 @@ def run_params(inspection: Inspection, opts: InspectOptions) -> dict[str, object
         "img_size": inspection.img_size,
         "patch_size": inspection.patch_size,
         "depth": inspection.depth,
+        "register_depth": inspection.register_depth,
         "data": inspection.data,
         "outlier_cutoff": inspection.cutoff,
         "device": opts.device,

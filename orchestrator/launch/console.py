@@ -26,7 +26,9 @@ from orchestrator.trials.records import RECORDS_KEY
 from trainers.probes import names
 
 # Short column names for the study axes; any other swept key shows its last path component.
-AXIS_HEADERS = {"model.num_registers": "registers", "model.size": "size", "steps": "steps", "seed": "seed"}
+AXIS_HEADERS = {
+    "model.num_registers": "registers", "model.register_depth": "reg_depth", "model.size": "size", "steps": "steps", "seed": "seed",
+}
 STATUS_WORDS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "done", "ERROR": "failed"}
 REDRAW_SECONDS = 1.0
 BAR_WIDTH = 24
@@ -218,28 +220,31 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def results_table(rows: Sequence[tuple[str, int, int, float | None]]) -> list[str]:
-    """Val top-1 per (size, training length) and register count, the mean over seeds and any
-    other swept keys. Rows are (size, steps, registers, top1 or None for a failed trial)."""
-    cells: dict[tuple[str, int], dict[int, list[float]]] = {}
-    registers: set[int] = set()
-    for size, steps, regs, top1 in rows:
-        registers.add(regs)
-        values = cells.setdefault((size, steps), {}).setdefault(regs, [])
+def results_table(rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """Val top-1 per (size, training length) and register setting, the mean over seeds and any
+    other swept keys. Rows are (size, steps, registers, top1 or None for a failed trial[, register
+    depth]); a column is rN, or rN@k for N registers entering before block k."""
+    cells: dict[tuple[str, int], dict[tuple[int, int], list[float]]] = {}
+    settings: set[tuple[int, int]] = set()
+    for size, steps, regs, top1, *depth in rows:
+        setting = (regs, depth[0] if depth else 0)
+        settings.add(setting)
+        values = cells.setdefault((size, steps), {}).setdefault(setting, [])
         if top1 is not None:
             values.append(top1)
     if not cells:
         return []
-    counts = sorted(registers)
-    headers = ["size", "steps", *(f"r{c}" for c in counts)]
+    columns = sorted(settings)
+    headers = ["size", "steps", *(f"r{c}@{d}" if d else f"r{c}" for c, d in columns)]
     body = [
-        [size, str(steps), *(_mean(by_count.get(c, [])) for c in counts)]
-        for (size, steps), by_count in sorted(cells.items(), key=lambda item: (_size_order(item[0][0]), item[0][1]))
+        [size, str(steps), *(_mean(by_setting.get(c, [])) for c in columns)]
+        for (size, steps), by_setting in sorted(cells.items(), key=lambda item: (_size_order(item[0][0]), item[0][1]))
     ]
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
-    lines = ["Val top-1 by model size, training length and registers (rN), mean over seeds"
+    what = "registers (rN; rN@k: entering before block k)" if any(d for _, d in columns) else "registers (rN)"
+    lines = [f"Val top-1 by model size, training length and {what}, mean over seeds"
              " (DINO: k-NN, CLIP: zero-shot):" if any(" " in size for size, *_ in rows) else
-             "Val top-1 by model size, training length and registers (rN), mean over seeds:"]
+             f"Val top-1 by model size, training length and {what}, mean over seeds:"]
     lines.append("  " + " ".join(h.rjust(w) for h, w in zip(headers, widths)))
     lines += ["  " + " ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
     return lines

@@ -285,12 +285,12 @@ def run_sweep(
     )
 
 
-def result_row(config: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, int, int, float | None]:
-    """(size, steps, registers, val top-1) of one finished or failed trial; the size names the
+def result_row(config: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, int, int, float | None, int]:
+    """(size, steps, registers, val top-1, register depth) of one finished or failed trial; the size names the
     objective too unless it is supervised (val top-1 is k-NN for DINO, zero-shot for CLIP)."""
     from orchestrator.trials.trainable import trial_config
 
     cfg = trial_config(config["train"], config["trial"]["axes"])
     top1 = metrics.get(VAL_TOP1) if metrics else None
     size = cfg.model.label if cfg.objective == "supervised" else f"{cfg.objective} {cfg.model.label}"
-    return size, cfg.steps, cfg.model.num_registers, top1
+    return size, cfg.steps, cfg.model.num_registers, top1, cfg.model.register_depth

@@ -22,6 +22,11 @@ STUDY_AXES = {
     "seed": AXIS_SEED,
     "objective": AXIS_OBJECTIVE,
 }
+# The block before which the registers enter (trainers/late_registers.py). Tagged by its path,
+# as any further swept key, and only where it is swept; the analysis still reads it as a register
+# axis beside the count (never pooled with the seeds), from the tag, else the run's config params.
+REGISTER_DEPTH_PATH = "model.register_depth"
+AXIS_REGISTER_DEPTH = AXIS_PREFIX + REGISTER_DEPTH_PATH
 # Runs written before one tag per axis also carry these path-named copies of two study axes.
 LEGACY_DUPLICATES = ("axis.model.size", "axis.model.num_registers")
 

@@ -4,30 +4,43 @@ The probes need four views of the same forward pass: the patch-embedding output 
 "input embedding" of paper Fig. 5a), the raw residual stream after every block (Fig. 3/4),
 the normed output features (what a downstream linear head sees) and the last block's
 fused qkv projection (to recompute attention maps that SDPA never materialises).
+
+With late registers (`model.register_depth` k > 0) the blocks before k hold no registers: each
+block's tokens are kept as they are, with the block's own prefix count beside them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from trainers.late_registers import prefix_tokens_at
+
 
 @dataclass
 class Capture:
-    block_tokens: list[torch.Tensor]  # per block: raw residual stream [B, N, D], prefix first then patches
+    block_tokens: list[torch.Tensor]  # per block: raw residual stream [B, N_i, D], prefix first then patches
     features: torch.Tensor  # [B, N, D] last block output after the final norm
     patch_embed: torch.Tensor  # [B, P, D] patch-embedding output, before position embedding and blocks
     qkv: torch.Tensor  # [B, N, 3 * attn_dim] output of the last block's attn.qkv
     grid: tuple[int, int]  # patch grid (h, w); P = h * w
-    num_prefix: int  # [CLS] + registers
+    num_prefix: int  # [CLS] + registers at the output
     num_registers: int
     has_cls: bool  # registers start at index 1 with a [CLS] token, else at 0
+    block_prefix: list[int] = field(default_factory=list)  # [CLS] + registers at each block (fewer before register_depth)
 
     @property
     def register_slice(self) -> slice:
         return slice(int(self.has_cls), self.num_prefix)
+
+    def prefix_at(self, block: int) -> int:
+        return self.block_prefix[block] if self.block_prefix else self.num_prefix
+
+    def registers_at(self, block: int) -> int:
+        """Registers present in the residual stream at `block`: 0 before the registers enter."""
+        return self.prefix_at(block) - int(self.has_cls)
 
 
 def unwrap(model: torch.nn.Module) -> VisionTransformer:
@@ -77,4 +90,5 @@ def capture(model: VisionTransformer, images: torch.Tensor) -> Capture:
         num_prefix=int(model.num_prefix_tokens),
         num_registers=num_registers,
         has_cls=model.cls_token is not None,
+        block_prefix=[prefix_tokens_at(model, i) for i in range(len(block_tokens))],
     )

@@ -74,7 +74,8 @@ def artifact_dir(step: int) -> str:
 
 # Files inside artifact_dir(step):
 NORMS_FILE = "norms.npz"  # bin_edges [B+1]; hist_patch [L, B]; hist_cls [L, B]; hist_reg [L, R, B];
-#                           stats_* arrays; outlier_frac_robust/abs [L]; L = depth, last row = output
+#                           stats_* arrays; outlier_frac_robust/abs [L]; L = depth, last row = output;
+#                           registers_per_block [L] (0 before late registers enter: their rows are NaN / empty)
 ATTENTION_FILE = "attention.npz"  # images uint8 [n,H,W,3]; cls_attn [n,h,w]; reg_attn [n,R,h,w];
 #                                   outlier_mask bool [n,h,w]
 NORM_HIST_FIGURE = "norm_hist.png"  # one panel per block: patch/cls/reg norm histograms (log-log)

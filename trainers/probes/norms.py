@@ -2,6 +2,9 @@
 
 Everything is computed on the device in a few vectorised ops over all blocks at once and
 copied to the host once, so the probe stays cheap for deep models.
+
+Each block counts the tokens that exist there: with late registers (`model.register_depth` k)
+the blocks before k hold [CLS] and the patches only, and register statistics start at block k.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ def histograms(values: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def summarise_norms(cap: Capture, cutoff: float) -> NormSummary:
-    norms = torch.stack([t.norm(dim=-1) for t in cap.block_tokens])  # [L, B, N]
-    depth, batch, _ = norms.shape
+    per_block = [t.norm(dim=-1) for t in cap.block_tokens]  # [B, N_i]: fewer tokens before late registers enter
+    depth, batch = len(per_block), per_block[0].shape[0]
     regs = cap.num_registers
     bins = len(names.NORM_BIN_EDGES) - 1
-    patch = norms[:, :, cap.num_prefix :].reshape(depth, -1)
-    cls = norms[:, :, 0] if cap.has_cls else norms.new_full((depth, batch), float("nan"))
-    reg_each = norms[:, :, cap.register_slice].permute(0, 2, 1)  # [L, R, B]
+    # Each block's patches after its own prefix: the same P tokens everywhere, whatever the prefix.
+    patch = torch.stack([n[:, cap.prefix_at(i) :] for i, n in enumerate(per_block)]).reshape(depth, -1)
+    cls = torch.stack([n[:, 0] for n in per_block]) if cap.has_cls else per_block[0].new_full((depth, batch), float("nan"))
+    reg = _register_stats(per_block, cap)
 
     robust = [robust_outliers(patch[i]) for i in range(depth)]
     robust_mask = torch.stack([mask for mask, _ in robust]).reshape(depth, batch, -1)
@@ -67,29 +71,54 @@ def summarise_norms(cap: Capture, cutoff: float) -> NormSummary:
         "stat_names": np.array(STAT_NAMES),
         "hist_patch": histograms(patch, depth),
         "hist_cls": histograms(cls, depth) if cap.has_cls else torch.zeros(depth, bins, dtype=torch.long),
-        "hist_reg": histograms(reg_each.reshape(depth * regs, batch), depth * regs).reshape(depth, regs, bins)
-        if regs
-        else torch.zeros(depth, 0, bins, dtype=torch.long),
+        **reg,
         "stats_patch": stats(patch),
         "stats_cls": stats(cls),
-        "stats_reg": stats(reg_each) if regs else torch.zeros(depth, 0, len(STAT_NAMES)),
-        "stats_reg_pooled": stats(reg_each.reshape(depth, -1)) if regs else torch.full((depth, 5), float("nan")),
         "outlier_frac_robust": robust_mask.float().mean(dim=(1, 2)),
         "outlier_frac_abs": abs_mask.float().mean(dim=(1, 2)),
         "robust_threshold": torch.tensor([cut for _, cut in robust]),
         "outlier_map_robust": torch.stack([outlier_map(m, cap.grid) for m in robust_mask]),
         "outlier_map_abs": torch.stack([outlier_map(m, cap.grid) for m in abs_mask]),
-        "token_norms_output": norms[-1],
+        "token_norms_output": per_block[-1],
         "num_prefix_tokens": np.array(cap.num_prefix),
         "num_registers": np.array(regs),
+        "registers_per_block": np.array([cap.registers_at(i) for i in range(depth)]),
     }
     host = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
     return NormSummary(
         arrays=host,
         scalars=_scalars(host, regs, cap.has_cls),
-        output_norms=norms[-1],
+        output_norms=per_block[-1],
         output_outliers=robust_mask[-1],
     )
+
+
+def _register_stats(per_block: list[torch.Tensor], cap: Capture) -> dict[str, torch.Tensor]:
+    """hist_reg [L, R, bins], stats_reg [L, R, 5] and stats_reg_pooled [L, 5], registers in output order.
+
+    A register counts from the block it enters: before `register_depth` late registers are not in
+    the stream (NaN statistics, empty histograms). Those present sit after [CLS] and are the last
+    ones of the output's order (late registers are inserted ahead of any test-time register)."""
+    depth, batch = len(per_block), per_block[0].shape[0]
+    regs, bins, start = cap.num_registers, len(names.NORM_BIN_EDGES) - 1, int(cap.has_cls)
+    out = {
+        "hist_reg": torch.zeros(depth, regs, bins, dtype=torch.long, device=per_block[0].device),
+        "stats_reg": per_block[0].new_full((depth, regs, len(STAT_NAMES)), float("nan")),
+        "stats_reg_pooled": per_block[0].new_full((depth, len(STAT_NAMES)), float("nan")),
+    }
+    by_count: dict[int, list[int]] = {}
+    for i in range(depth):
+        by_count.setdefault(cap.registers_at(i), []).append(i)
+    for present, blocks in by_count.items():
+        if not present:
+            continue
+        each = torch.stack([per_block[i][:, start : start + present].T for i in blocks])  # [G, present, B]
+        index = torch.tensor(blocks, device=each.device)
+        out["stats_reg"][index, regs - present :] = stats(each)
+        out["stats_reg_pooled"][index] = stats(each.reshape(len(blocks), -1))
+        counts = histograms(each.reshape(-1, batch), len(blocks) * present).reshape(len(blocks), present, bins)
+        out["hist_reg"][index, regs - present :] = counts
+    return out
 
 
 def _scalars(a: dict[str, np.ndarray], regs: int, has_cls: bool) -> dict[str, float]:
@@ -104,7 +133,7 @@ def _scalars(a: dict[str, np.ndarray], regs: int, has_cls: bool) -> dict[str, fl
             out[names.outlier_frac(loc, detector)] = a[f"outlier_frac_{detector}"][i]
         if has_cls:
             out[names.norm_stat("mean", "cls", loc)] = a["stats_cls"][i, col["mean"]]
-        if regs:
+        if a["registers_per_block"][i]:  # register statistics start where the registers enter
             out[names.norm_stat("mean", "reg", loc)] = a["stats_reg_pooled"][i, col["mean"]]
     last = depth - 1
     for detector in names.DETECTORS:

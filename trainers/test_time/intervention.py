@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from trainers.late_registers import prefix_tokens_at
 from trainers.probes.capture import unwrap
 from trainers.test_time.search import NeuronSearch, RegisterNeuron
 
@@ -32,7 +33,9 @@ def test_time_register(
 
     The token is zero when it enters (before `norm_pre`, as in the authors' OpenCLIP code) and
     sits after [CLS] and any trained registers; `num_prefix_tokens` and `num_reg_tokens` count
-    it. Hooks and counts are removed on exit, leaving the model as it was.
+    it. Late registers (`model.register_depth` k) enter before block k right after [CLS], so in
+    the blocks before k the token sits right after [CLS], and from block k on after them.
+    Hooks and counts are removed on exit, leaving the model as it was.
     """
     vit = unwrap(model)
     chosen = neurons.neurons if isinstance(neurons, NeuronSearch) else list(neurons)
@@ -40,14 +43,16 @@ def test_time_register(
     for n in chosen:
         layer, unit = (n.layer, n.unit) if isinstance(n, RegisterNeuron) else n
         by_layer.setdefault(int(layer), []).append(int(unit))
-    slot = vit.num_prefix_tokens  # index of the new token; the patches start right after it
+    # Index of the new token in each block's stream (the patches start right after it), and at the input.
+    slots = [prefix_tokens_at(vit, block) for block in range(len(vit.blocks))]
+    entry = slots[0]
 
     def insert(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
         token = x.new_zeros(x.shape[0], 1, x.shape[2])
-        return (torch.cat([x[:, :slot], token, x[:, slot:]], dim=1), *args[1:])
+        return (torch.cat([x[:, :entry], token, x[:, entry:]], dim=1), *args[1:])
 
-    def move(units: Sequence[int]):
+    def move(units: Sequence[int], slot: int):
         index = torch.tensor(units, dtype=torch.long)
 
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -61,7 +66,7 @@ def test_time_register(
         return hook
 
     handles = [vit.patch_drop.register_forward_pre_hook(insert)]
-    handles += [vit.blocks[layer].mlp.fc2.register_forward_pre_hook(move(units)) for layer, units in sorted(by_layer.items())]
+    handles += [vit.blocks[layer].mlp.fc2.register_forward_pre_hook(move(units, slots[layer])) for layer, units in sorted(by_layer.items())]
     saved = (vit.num_prefix_tokens, vit.num_reg_tokens)
     vit.num_prefix_tokens, vit.num_reg_tokens = saved[0] + 1, saved[1] + 1
     try:

@@ -18,6 +18,7 @@ from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
 from trainers.config import Strict
+from trainers.late_registers import prefix_tokens_at
 from trainers.probes.capture import unwrap
 from trainers.probes.outliers import robust_threshold
 
@@ -137,7 +138,6 @@ def _search(vit: VisionTransformer, images: torch.Tensor, cfg: TestTimeRegisterC
     cap = min(depth - 1, cfg.max_layer if cfg.max_layer is not None else generic_max_layer(depth))
     device = next(vit.parameters()).device
     images = images[: cfg.images]
-    prefix = vit.num_prefix_tokens
 
     # Pass 1: patch norms at the detection layer decide which patches are outliers.
     norms = torch.cat([
@@ -162,6 +162,8 @@ def _search(vit: VisionTransformer, images: torch.Tensor, cfg: TestTimeRegisterC
     current: dict[str, torch.Tensor] = {}
 
     def score(layer: int):
+        prefix = prefix_tokens_at(vit, layer)  # fewer before late registers enter
+
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             acts = args[0].float()  # [b, N, hidden]
             mask = current["mask"]  # [b, P]
