@@ -1,0 +1,217 @@
+"""The running cluster's node types, and what the sweep asks of its autoscaler.
+
+`running_cluster_shape` reads, right after Ray starts and before anything is written, the
+node types the cluster can ever have (orchestrator/spec/cluster.py does the arithmetic):
+
+1. the cluster config in Ray's GCS (`ray._private.state.state.get_cluster_config()`, what Ray
+   Train V2 itself checks worker groups against), where the platform reports one;
+2. else the autoscaling config of this cluster's monitor: `ray start --head
+   --autoscaling-config=FILE` (the cluster launcher's ~/ray_bootstrap_config.yaml, the fake
+   multi-node provider's config in the tests). `ray job submit` runs the driver on the head,
+   where that monitor process is; it is matched to this cluster by its --gcs-address;
+3. else, when that monitor runs without an autoscaling config, or Ray was started in-process
+   by this sweep: a fixed cluster, whose nodes now are all it will have;
+4. else (a driver off the head; KubeRay's autoscaler, which runs in a container of its own
+   and builds its config from the RayCluster object): nothing can be read, and the sweep
+   says what it assumes (`None`; see `UNREAD_NOTE`).
+
+`AutoscalerRequest` is a Tune callback that asks the autoscaler, with
+`ray.autoscaler.sdk.request_resources(bundles=...)`, for one bundle per worker of
+min(max_concurrent, trials not yet finished) trials. Multi-worker trials need it: their Tune
+driver holds no resources, so without a request the autoscaler would only see one trial's
+placement group at a time. The request is lowered as trials finish and cleared when the sweep
+ends (also when it fails or is interrupted), so the autoscaler's idle timeout takes the nodes
+away. A driver killed with -9 cannot clear it: running the same command again resumes and
+clears it at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+from ray.tune import Callback
+
+from orchestrator.spec.cluster import (
+    ClusterShape,
+    NodeType,
+    at_once_line,
+    check_cluster_holds,
+    shape_from_cluster_config,
+)
+from orchestrator.spec.schema import SweepSpec
+
+logger = logging.getLogger(__name__)
+
+UNREAD_NOTE = (
+    "the autoscaler's node types could not be read here (no cluster config in Ray's GCS, and no autoscaler"
+    " monitor for this cluster on this machine, as on KubeRay); assumed that some node type holds a worker:"
+    " a trial no node can hold waits instead of being refused"
+)
+
+
+def monitor_command_lines(proc: Path = Path("/proc")) -> list[list[str]]:
+    """The argv of every Ray autoscaler monitor on this machine (v1 and v2 both run monitor.py)."""
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg.endswith(os.path.join("autoscaler", "_private", "monitor.py")) or arg.endswith(
+            os.path.join("autoscaler", "v2", "monitor.py")) for arg in argv):
+            found.append([a for a in argv if a])
+    return found
+
+
+def option(argv: Sequence[str], name: str) -> str | None:
+    prefix = f"--{name}="
+    return next((arg[len(prefix):] for arg in argv if arg.startswith(prefix)), None)
+
+
+def monitor_config(gcs_address: str, command_lines: Sequence[Sequence[str]]) -> tuple[bool, str | None]:
+    """(a monitor of this cluster runs here, the autoscaling config file it was started with)."""
+    for argv in command_lines:
+        if option(argv, "gcs-address") == gcs_address:
+            path = option(argv, "autoscaling-config")
+            return True, os.path.expanduser(path) if path else None
+    return False, None
+
+
+def read_config_file(path: str) -> Mapping[str, Any]:
+    text = Path(path).read_text()
+    return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+
+
+def present_nodes_shape(nodes: Sequence[Mapping[str, Any]], source: str) -> ClusterShape:
+    """A fixed cluster: one node type per distinct shape of the nodes alive now."""
+    counts: dict[tuple[tuple[str, float], ...], int] = {}
+    for node in nodes:
+        shape = tuple(sorted((k, float(v)) for k, v in node.items() if not k.startswith("node:")))
+        counts[shape] = counts.get(shape, 0) + 1
+    types = tuple(NodeType(f"node{i + 1}" if len(counts) > 1 else "node", dict(shape), n) for i, (shape, n) in enumerate(counts.items()))
+    return ClusterShape(types, source, autoscaling=False)
+
+
+def gcs_cluster_config_shape() -> ClusterShape | None:
+    """The cluster config in Ray's GCS, when the platform reported one."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    types = tuple(
+        NodeType(group.name, {k: float(v) for k, v in group.resources.items()}, group.max_count if group.max_count >= 0 else 10**6)
+        for group in config.node_group_configs
+    )
+    return ClusterShape(types, "the cluster config in Ray's GCS", autoscaling=True)
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def running_cluster_shape(started_here: bool) -> ClusterShape | None:
+    """The node types of the cluster this driver joined (None: they could not be read)."""
+    import ray
+
+    if started_here:
+        return present_nodes_shape(alive_node_resources(), "this machine (Ray started in-process)")
+    try:
+        from_gcs = gcs_cluster_config_shape()
+    except Exception as error:  # an older GCS, a refused call: go on to the other sources
+        logger.debug("no cluster config from the GCS: %s", error)
+        from_gcs = None
+    if from_gcs is not None:
+        return from_gcs
+    gcs_address = ray.get_runtime_context().gcs_address
+    found, path = monitor_config(gcs_address, monitor_command_lines())
+    if path:
+        try:
+            return shape_from_cluster_config(read_config_file(path), f"the autoscaler's config {path}")
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            logger.warning("cannot read the autoscaler's config %s: %s", path, error)
+            return None
+    if found:
+        return present_nodes_shape(alive_node_resources(), f"the cluster at {gcs_address}, whose monitor runs without an autoscaling config")
+    return None
+
+
+def cluster_for_launch(spec: SweepSpec, trials: int, started_here: bool) -> ClusterShape | None:
+    """Read the running cluster's node types, refuse a trial none can hold (SpecError), and say
+    what the cluster holds at full size (or what was assumed). None: not readable."""
+    shape = running_cluster_shape(started_here)
+    if shape is None:
+        print(f"note: {UNREAD_NOTE}", file=sys.stderr)
+        return None
+    check_cluster_holds(shape, spec.resources)
+    if not started_here:
+        first, *notes = at_once_line(shape, spec.resources, spec.max_concurrent, trials)
+        print("\n".join([f"Concurrency {first}", *notes]))
+    return shape
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources as ask
+
+    ask(bundles=bundles)
+
+
+def clear_request() -> None:
+    """No standing request: the autoscaler keeps only what running work needs."""
+    try:
+        request_resources([])
+    except Exception as error:  # Ray already down: nothing to clear
+        logger.warning("could not clear the request to the autoscaler: %s", error)
+
+
+class AutoscalerRequest(Callback):
+    """Asks the autoscaler for the resources of the trials the sweep wants running (module docstring)."""
+
+    def __init__(
+        self,
+        bundle: Mapping[str, float],
+        workers: int,
+        trials: int,
+        max_concurrent: int | None,
+        ask: Callable[[list[dict[str, float]]], None] = request_resources,
+    ) -> None:
+        self.bundle = dict(bundle)
+        self.workers = workers
+        self.trials = trials
+        self.max_concurrent = max_concurrent
+        self.ask = ask
+        self.asked: int | None = None  # trials last asked for, this process
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Saved with Tune's state: a resumed sweep asks again, whatever was asked before.
+        return {**self.__dict__, "asked": None}
+
+    def wanted(self, finished: int) -> int:
+        left = max(self.trials - finished, 0)
+        return left if self.max_concurrent is None else min(self.max_concurrent, left)
+
+    def request(self, trials: int) -> None:
+        if trials == self.asked:
+            return
+        try:
+            self.ask([dict(self.bundle) for _ in range(trials * self.workers)])
+        except Exception as error:  # a hint to the autoscaler must never stop the sweep
+            logger.warning("could not ask the autoscaler for %d trials' resources: %s", trials, error)
+            return
+        self.asked = trials
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.request(self.wanted(sum(1 for t in trials if t.is_finished())))
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.request(0)
