@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.launch.autoscaling import AutoscalerRequest, monitor_command_lines, monitor_config, present_nodes_shape
+from orchestrator.launch.autoscaler_request import AutoscalerRequest
+from orchestrator.launch.autoscaling import monitor_command_lines, monitor_config, present_nodes_shape
 from orchestrator.launch.concurrency import ClusterConcurrencyLimiter, PlanSearcher
 from orchestrator.spec.cluster import (
     check_cluster_holds,
@@ -182,29 +183,44 @@ def test_plan_searcher_hands_out_the_grid_once_and_resumes(tmp_path: Path) -> No
     assert again.suggest("b") == {"trial": {"index": 1, "axes": {"seed": 1}}} and again.suggest("c") == "FINISHED"
 
 
-class Asked(list):
-    """Stands in for ray.autoscaler.sdk.request_resources: how many bundles each request held."""
+class Requests:
+    """Stands in for Ray's AutoscalingCoordinator: what each requester asked for, and cancelled."""
 
-    def __call__(self, bundles: list[dict[str, float]]) -> None:
-        self.append(len(bundles))
+    sent: list[tuple[str, int]] = []
+
+    def __init__(self, requester: str) -> None:
+        self.requester = requester
+
+    def send(self, bundles: list[dict[str, float]]) -> None:
+        Requests.sent.append((self.requester, len(bundles)))
+
+    def cancel(self) -> None:
+        Requests.sent.append((self.requester, -1))
 
 
-def test_the_autoscaler_is_asked_for_the_trials_it_can_run_then_less_then_nothing() -> None:
-    asked = Asked()
-    request = AutoscalerRequest({"CPU": 1, "GPU": 1}, workers=2, trials=5, max_concurrent=2, ask=asked)
+def trials(finished: int, running: int, total: int = 5) -> list[Any]:
+    status = ["TERMINATED"] * finished + ["RUNNING"] * running + ["PENDING"] * (total - finished - running)
+    return [SimpleNamespace(status=s, is_finished=lambda s=s: s in ("TERMINATED", "ERROR")) for s in status]
 
-    def trials(finished: int) -> list[Any]:
-        return [SimpleNamespace(is_finished=lambda f=(i < finished): f) for i in range(5)]
 
-    for finished in (0, 0, 3, 4, 4):
-        request.on_step_begin(0, trials(finished))
-    request.on_experiment_end(trials(5))
-    # min(max_concurrent, trials left) trials, one bundle per worker; asked again only on a change.
-    assert asked == [4, 2, 0]
-    assert pickle.loads(pickle.dumps(request)).asked is None  # a resumed sweep asks again
-    unbounded = AutoscalerRequest({"CPU": 8, "GPU": 1}, workers=1, trials=3, max_concurrent=None, ask=asked)
-    unbounded.on_step_begin(0, [])
-    assert asked[-1] == 3
+def test_the_autoscaler_is_asked_for_the_trials_not_yet_running_then_less_then_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    Requests.sent = []
+    request = AutoscalerRequest("sweep-x", {"CPU": 1, "GPU": 1}, workers=2, trials=5, max_concurrent=2, channel=Requests)
+    # 2-rank trials: min(max_concurrent, left) trials, less those running (their Train runs ask
+    # for their own workers), one bundle per worker; sent again on a change only (or to renew).
+    for finished, running in ((0, 0), (0, 0), (0, 1), (0, 2), (3, 1), (4, 1)):
+        request.on_step_begin(0, trials(finished, running))
+    request.on_experiment_end(trials(5, 0))
+    assert Requests.sent == [("sweep-x", 4), ("sweep-x", 2), ("sweep-x", 0), ("sweep-x", 2), ("sweep-x", 0), ("sweep-x", -1)]
+    monkeypatch.setattr("orchestrator.launch.autoscaler_request.REFRESH_S", 0.0)
+    request.on_step_begin(0, trials(4, 1))
+    assert Requests.sent[-1] == ("sweep-x", 0)  # renewed before it expires
+    restored = pickle.loads(pickle.dumps(request))  # as Tune saves it: a resumed sweep asks again
+    assert restored.asked is None
+    # One-process trials hold their own resources; request_resources counts the whole cluster.
+    one = AutoscalerRequest("sweep-y", {"CPU": 8, "GPU": 1}, workers=1, trials=3, max_concurrent=None, channel=Requests)
+    one.on_step_begin(0, trials(0, 2, total=3))
+    assert Requests.sent[-1] == ("sweep-y", 3)
 
 
 def test_the_process_group_follows_the_devices_the_workers_have(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,19 +10,12 @@ node types the cluster can ever have (orchestrator/spec/cluster.py does the arit
    multi-node provider's config in the tests). `ray job submit` runs the driver on the head,
    where that monitor process is; it is matched to this cluster by its --gcs-address;
 3. else, when that monitor runs without an autoscaling config, or Ray was started in-process
-   by this sweep: a fixed cluster, whose nodes now are all it will have;
+   by this sweep (no RAY_ADDRESS): a fixed cluster, whose nodes now are all it will have;
 4. else (a driver off the head; KubeRay's autoscaler, which runs in a container of its own
    and builds its config from the RayCluster object): nothing can be read, and the sweep
    says what it assumes (`None`; see `UNREAD_NOTE`).
 
-`AutoscalerRequest` is a Tune callback that asks the autoscaler, with
-`ray.autoscaler.sdk.request_resources(bundles=...)`, for one bundle per worker of
-min(max_concurrent, trials not yet finished) trials. Multi-worker trials need it: their Tune
-driver holds no resources, so without a request the autoscaler would only see one trial's
-placement group at a time. The request is lowered as trials finish and cleared when the sweep
-ends (also when it fails or is interrupted), so the autoscaler's idle timeout takes the nodes
-away. A driver killed with -9 cannot clear it: running the same command again resumes and
-clears it at its end.
+What the sweep then asks of the autoscaler is orchestrator/launch/autoscaler_request.py.
 """
 
 from __future__ import annotations
@@ -32,10 +25,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
-from ray.tune import Callback
 
 from orchestrator.spec.cluster import (
     ClusterShape,
@@ -120,11 +112,11 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def running_cluster_shape(started_here: bool) -> ClusterShape | None:
-    """The node types of the cluster this driver joined (None: they could not be read)."""
+def running_cluster_shape(in_process: bool) -> ClusterShape | None:
+    """The node types of the cluster this driver runs on (None: they could not be read)."""
     import ray
 
-    if started_here:
+    if in_process:
         return present_nodes_shape(alive_node_resources(), "this machine (Ray started in-process)")
     try:
         from_gcs = gcs_cluster_config_shape()
@@ -146,72 +138,15 @@ def running_cluster_shape(started_here: bool) -> ClusterShape | None:
     return None
 
 
-def cluster_for_launch(spec: SweepSpec, trials: int, started_here: bool) -> ClusterShape | None:
+def cluster_for_launch(spec: SweepSpec, trials: int, in_process: bool) -> ClusterShape | None:
     """Read the running cluster's node types, refuse a trial none can hold (SpecError), and say
-    what the cluster holds at full size (or what was assumed). None: not readable."""
-    shape = running_cluster_shape(started_here)
+    what a joined cluster holds at full size (or what was assumed). None: not readable."""
+    shape = running_cluster_shape(in_process)
     if shape is None:
         print(f"note: {UNREAD_NOTE}", file=sys.stderr)
         return None
     check_cluster_holds(shape, spec.resources)
-    if not started_here:
+    if not in_process:
         first, *notes = at_once_line(shape, spec.resources, spec.max_concurrent, trials)
         print("\n".join([f"Concurrency {first}", *notes]))
     return shape
-
-
-def request_resources(bundles: list[dict[str, float]]) -> None:
-    from ray.autoscaler.sdk import request_resources as ask
-
-    ask(bundles=bundles)
-
-
-def clear_request() -> None:
-    """No standing request: the autoscaler keeps only what running work needs."""
-    try:
-        request_resources([])
-    except Exception as error:  # Ray already down: nothing to clear
-        logger.warning("could not clear the request to the autoscaler: %s", error)
-
-
-class AutoscalerRequest(Callback):
-    """Asks the autoscaler for the resources of the trials the sweep wants running (module docstring)."""
-
-    def __init__(
-        self,
-        bundle: Mapping[str, float],
-        workers: int,
-        trials: int,
-        max_concurrent: int | None,
-        ask: Callable[[list[dict[str, float]]], None] = request_resources,
-    ) -> None:
-        self.bundle = dict(bundle)
-        self.workers = workers
-        self.trials = trials
-        self.max_concurrent = max_concurrent
-        self.ask = ask
-        self.asked: int | None = None  # trials last asked for, this process
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Saved with Tune's state: a resumed sweep asks again, whatever was asked before.
-        return {**self.__dict__, "asked": None}
-
-    def wanted(self, finished: int) -> int:
-        left = max(self.trials - finished, 0)
-        return left if self.max_concurrent is None else min(self.max_concurrent, left)
-
-    def request(self, trials: int) -> None:
-        if trials == self.asked:
-            return
-        try:
-            self.ask([dict(self.bundle) for _ in range(trials * self.workers)])
-        except Exception as error:  # a hint to the autoscaler must never stop the sweep
-            logger.warning("could not ask the autoscaler for %d trials' resources: %s", trials, error)
-            return
-        self.asked = trials
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self.request(self.wanted(sum(1 for t in trials if t.is_finished())))
-
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.request(0)

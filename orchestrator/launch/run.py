@@ -265,7 +265,7 @@ def run_sweep(
             from orchestrator.launch.tuner import fit_launch
 
             # Before the parent run: a trial no node can hold is a bad spec (SpecError, exit 2).
-            cluster = cluster_for_launch(spec, len(plan.trials), started_ray)
+            cluster = cluster_for_launch(spec, len(plan.trials), in_process=not os.environ.get("RAY_ADDRESS"))
             record = open_launch(launch, client)
 
             results = fit_launch(launch, client, record, ask_autoscaler=cluster is None or cluster.autoscaling)

@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.launch.autoscaling import AutoscalerRequest, clear_request
+from orchestrator.launch.autoscaler_request import AutoscalerRequest, cancel_request, requester_id
 from orchestrator.launch.concurrency import ClusterConcurrencyLimiter, PlanSearcher
 from orchestrator.launch.console import SweepConsole
 from orchestrator.launch.parent_run import abandon_launch, finish_launch
@@ -33,6 +33,13 @@ from orchestrator.trials.trainable import run_trial, trial_label
 
 
 DRIVER_MEMORY = 2**20  # bytes, Ray's memory resource
+# Ray's own resource of the head node. A multi-worker trial's driver asks for a sliver of it, so
+# it runs on the head (as the sweep's driver does): its Ray Train controller is pinned to the
+# driver's node, and a controller that creates Ray's detached AutoscalingCoordinator leaves it
+# there; on a GPU node that actor would keep the node from ever going idle. A spot reclaim of
+# a GPU node then takes only workers, never a trial's driver.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+HEAD_SLIVER = 0.001
 
 
 def resourced_trainable(spec: SweepSpec) -> Any:
@@ -46,8 +53,8 @@ def resourced_trainable(spec: SweepSpec) -> Any:
         run_distributed_trial, scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker)
     )
     # Tune refuses a trial without any resource: the driver asks for a token of memory, no CPU,
-    # so that a trial's workers fit where their CPUs alone fit.
-    return tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY})
+    # so that a trial's workers fit where their CPUs alone fit; and a sliver of the head.
+    return tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY, HEAD_NODE_RESOURCE: HEAD_SLIVER})
 
 
 def build_tuner(
@@ -108,7 +115,7 @@ def build_tuner(
     callbacks: list[tune.Callback] = [console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()]
     if ask_autoscaler:
         r = spec.resources
-        callbacks.append(AutoscalerRequest(worker_bundle(r), r.workers, num_samples, spec.max_concurrent))
+        callbacks.append(AutoscalerRequest(requester_id(name), worker_bundle(r), r.workers, num_samples, spec.max_concurrent))
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage_uri(spec.storage),
@@ -167,7 +174,7 @@ def fit_launch(
         raise
     finally:
         if ask_autoscaler:
-            clear_request()
+            cancel_request(requester_id(launch.name))
     if results.num_terminated + results.num_errors < len(results):
         # Tune turns the first Ctrl+C into a normal return with unfinished trials.
         abandon_launch(client, record)
