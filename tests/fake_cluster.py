@@ -132,9 +132,9 @@ def start_sweep(tmp_path: Path, spec_path: Path, env: dict[str, str]) -> subproc
 
 def raylet_of(pid: int) -> int:
     """The raylet of the node a Ray worker process runs on: the raylet starts its workers."""
-    table = process_table()
-    parent = table[pid][0]
-    assert "raylet" in table[parent][1], f"the parent of worker {pid} is no raylet: {table[parent][1]}"
+    parent = process_table()[pid][0]
+    program = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0]
+    assert program.endswith(b"/raylet"), f"the parent of worker {pid} is no raylet: {program!r}"
     return parent
 
 
