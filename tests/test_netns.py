@@ -86,7 +86,7 @@ def node_supervisor(link: Link, head: RayHead, env: dict[str, str], tmp_path: Pa
     )
     loop = f"while true; do {start}; echo \"ray start ended ($?); starting it again\"; sleep 1; done"
     return subprocess.Popen(
-        [*link.node.prefix, "bash", "-c", loop], env={**head.env, **env},
+        [*link.node.prefix, "bash", "-c", loop], env={**head.env, **env, "GLOO_SOCKET_IFNAME": link.node.device},
         stdout=open(tmp_path / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -119,7 +119,10 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
     node_temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths stay under 108 characters
     node = sweep = None
     try:
-        with ray_head(num_cpus=1, node_ip=link.head.address, prefix=link.head.prefix, env={**FAST_FAILURE_ENV, **s3_env}) as head:
+        # gloo finds its own address by the host name, which resolves to loopback here: each node names
+        # its link device instead (as on a machine with several interfaces).
+        head_env = {**FAST_FAILURE_ENV, **s3_env, "GLOO_SOCKET_IFNAME": link.head.device}
+        with ray_head(num_cpus=1, node_ip=link.head.address, prefix=link.head.prefix, env=head_env) as head:
             node = node_supervisor(link, head, s3_env, tmp_path, node_temp)
             with watching(head.dashboard_url, head.env, tmp_path / "nodes.jsonl", prefix=link.head.prefix) as watch:
                 first = watch.wait(lambda s: node_ids_at(s, link.node.address), "the node to join the head across the link")

@@ -86,7 +86,9 @@ def present_nodes_shape(nodes: Sequence[Mapping[str, Any]], source: str) -> Clus
     """A fixed cluster: one node type per distinct shape of the nodes alive now."""
     counts: dict[tuple[tuple[str, float], ...], int] = {}
     for node in nodes:
-        shape = tuple(sorted((k, float(v)) for k, v in node.items() if not k.startswith("node:")))
+        # Memory differs from node to node by a few bytes; trials ask for CPUs, GPUs and custom resources.
+        asked_for = {k: float(v) for k, v in node.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        shape = tuple(sorted(asked_for.items()))
         counts[shape] = counts.get(shape, 0) + 1
     types = tuple(NodeType(f"node{i + 1}" if len(counts) > 1 else "node", dict(shape), n) for i, (shape, n) in enumerate(counts.items()))
     return ClusterShape(types, source, autoscaling=False)
