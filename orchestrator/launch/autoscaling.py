@@ -1,4 +1,4 @@
-"""The running cluster's node types, and what the sweep asks of its autoscaler.
+"""The running cluster's node types, read when the sweep joins it, and the refusal of a trial none can hold.
 
 `running_cluster_shape` reads, right after Ray starts and before anything is written, the
 node types the cluster can ever have (orchestrator/spec/cluster.py does the arithmetic):
