@@ -2,8 +2,8 @@
 
 Validates the spec, prints the plan, checks that data, MLflow and storage are reachable,
 then runs the sweep through Ray Tune with every trial logged to MLflow. Exit codes:
-0 done, 1 some trials failed, 2 bad spec, failed preflight or an MLflow store that cannot
-be opened (no trial was started),
+0 done, 1 some trials failed, 2 bad spec, a trial no node of the cluster can hold, failed
+preflight or an MLflow store that cannot be opened (no trial was started),
 130 interrupted (Ctrl-C; run the same command again to resume).
 """
 
@@ -16,6 +16,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
+from orchestrator.spec.cluster import check_cluster_holds, load_cluster_file
 from orchestrator.spec.errors import SpecError
 from orchestrator.spec.plan import format_plan, make_plan
 from orchestrator.spec.schema import load_spec
@@ -38,6 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "running again with the same name resumes an interrupted launch",
     )
     parser.add_argument(
+        "--cluster", default=None, metavar="CONFIG",
+        help="a Ray cluster launcher YAML or KubeRay RayCluster (e.g. infra/aws/cluster.yaml): the plan says how many "
+        "trials run at once on it at full size and refuses trials none of its node types can hold",
+    )
+    parser.add_argument(
         "--verbose", action="store_true",
         help="Tune's and Ray's own console output (per-trial configuration boxes, worker logs) "
         "instead of the compact progress table",
@@ -55,9 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, args.overrides)
         plan = make_plan(spec)
+        cluster = load_cluster_file(args.cluster) if args.cluster else None
+        if cluster is not None:
+            check_cluster_holds(cluster, spec.resources)
     except SpecError as error:
         return fail(str(error))
-    plan_text = format_plan(plan)
+    plan_text = format_plan(plan, cluster)
     print(plan_text)
     if args.dry_run:
         return 0
@@ -77,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = run_sweep(spec, plan, plan_text, args.overrides, args.launch, verbose=args.verbose, spec_file=args.spec)
     except (LaunchFinishedError, TuneStateError, StoreError) as error:
+        return fail(str(error))
+    except SpecError as error:  # a trial the running cluster can never hold (orchestrator/launch/autoscaling.py)
         return fail(str(error))
 
     print(

@@ -5,6 +5,10 @@ in-process clusters, so the head runs in the foreground (--block) in its own ses
 SIGTERM makes it shut down what it started. Anything left over (the fake autoscaler's
 worker nodes are started by the monitor, not by the head) is found by its unique temp
 dir in /proc and ended by pid.
+
+Token authentication is on, as on the shipped clusters: every head gets a random token in
+its environment (`RayHead.env`), which clients (the sweep, `ray job submit`, a node that
+joins) take from there; nothing is written to ~/.ray/auth_token.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -47,27 +52,34 @@ def head_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
     # Job entrypoints run `python` from PATH: make it this virtualenv's, as an activated one would.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1")
-    # Ray 2.60 turns token auth on for `ray start` whenever ~/.ray/auth_token exists (any
-    # earlier ray.init() writes one), and clients then need the token. A throwaway head on
-    # loopback states its mode instead of depending on what ran before; clients get this env.
-    env["RAY_AUTH_MODE"] = "disabled"
+    # Token auth on, with this head's own token: not ~/.ray/auth_token, which an earlier
+    # ray.init() may have written (Ray 2.60 reads RAY_AUTH_TOKEN first). Clients get this env.
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.update(extra)
     return env
 
 
 @contextmanager
 def ray_head(
-    num_cpus: int, *, autoscaling_config: dict[str, Any] | None = None, env: Mapping[str, str] = {}
+    num_cpus: int,
+    *,
+    autoscaling_config: dict[str, Any] | None = None,
+    env: Mapping[str, str] = {},
+    node_ip: str = "127.0.0.1",
+    prefix: tuple[str, ...] = (),
 ) -> Iterator[RayHead]:
     """A running head; with `autoscaling_config` (a fake_multinode cluster config) its
-    monitor scales fake worker nodes, and the config's provider is pointed at this head."""
+    monitor scales fake worker nodes, and the config's provider is pointed at this head.
+    `prefix` runs it inside something, e.g. ("ip", "netns", "exec", NS) with `node_ip` an
+    address of that namespace (tests/netns.py)."""
     # Short path: Ray's unix socket paths under it must stay below 108 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     gcs_port, dashboard_port = free_port(), free_port()
     command = [
-        RAY, "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        *prefix, RAY, "start", "--head", "--block", "--disable-usage-stats",
+        f"--node-ip-address={node_ip}", f"--port={gcs_port}",
+        f"--dashboard-host={node_ip}", f"--dashboard-port={dashboard_port}",
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         # Fixed defaults (52365, 8080, ...) would collide with other Ray instances on the machine.
         # (No Ray Client server: without ray[client] installed, none starts.)
@@ -78,16 +90,16 @@ def ray_head(
     ]
     if autoscaling_config is not None:
         config = copy.deepcopy(autoscaling_config)
-        config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"  # else the provider guesses <node ip>:6379
+        config["provider"]["gcs_address"] = f"{node_ip}:{gcs_port}"  # else the provider guesses <node ip>:6379
         config_path = temp_dir / "autoscaling.json"
         config_path.write_text(json.dumps(config))
         command.append(f"--autoscaling-config={config_path}")
     full_env = head_env(env)
     log = open(temp_dir / "ray_start.log", "w")
     process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", full_env)
+    head = RayHead(temp_dir, f"{node_ip}:{gcs_port}", f"http://{node_ip}:{dashboard_port}", full_env)
     try:
-        wait_for_dashboard(head, process)
+        wait_for_dashboard(head, process, prefix)
         yield head
     finally:
         stop(process, temp_dir)
@@ -95,18 +107,28 @@ def ray_head(
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def wait_for_dashboard(head: RayHead, process: subprocess.Popen[bytes]) -> None:
+def dashboard_answers(url: str, prefix: tuple[str, ...]) -> bool:
+    """Any HTTP answer counts (401 with token auth on: the ray CLI sends the token itself)."""
+    if prefix:  # in another network namespace: ask from there
+        probe = "import sys, urllib.error, urllib.request\ntry: urllib.request.urlopen(sys.argv[1], timeout=5)\nexcept urllib.error.HTTPError: pass"
+        return subprocess.run([*prefix, sys.executable, "-c", probe, url], capture_output=True, timeout=30).returncode == 0
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_dashboard(head: RayHead, process: subprocess.Popen[bytes], prefix: tuple[str, ...] = ()) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"ray start exited ({process.returncode}):\n{(head.temp_dir / 'ray_start.log').read_text()}")
-        try:
-            urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=5).close()
+        if dashboard_answers(f"{head.dashboard_url}/api/version", prefix):
             return
-        except urllib.error.HTTPError:
-            return  # it answered (401 when Ray's token auth is on: the ray CLI sends the token itself)
-        except OSError:
-            time.sleep(1)
+        time.sleep(1)
     raise RuntimeError(f"the Ray dashboard at {head.dashboard_url} did not answer in {START_TIMEOUT_S} s")
 
 

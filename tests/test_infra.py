@@ -114,6 +114,25 @@ def test_aws_setup_installs_the_project(aws_config: dict[str, Any]) -> None:
     assert aws_config["file_mounts"]["/home/ray/vit-register-sweeps"] == "."
 
 
+def test_aws_turns_on_rays_token_auth_on_every_node(aws_config: dict[str, Any]) -> None:
+    # RAY_AUTH_MODE for every process of every container, the token on disk before each `ray start`.
+    assert "--env RAY_AUTH_MODE=token" in aws_config["docker"]["run_options"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(aws_config[key])
+        assert start.index("infra/aws/ray_auth_token.sh") < start.index("ray start"), key
+    script = (INFRA / "aws" / "ray_auth_token.sh").read_text()
+    assert "/vit-register-sweeps/ray-auth-token" in script and ".ray/auth_token" in script and "umask 077" in script
+    subprocess.run(["bash", "-n", str(INFRA / "aws" / "ray_auth_token.sh")], check=True)
+    policy = json.loads((INFRA / "iam" / "mlflow-secret-policy.json").read_text())
+    assert any(s["Resource"].endswith(":parameter/vit-register-sweeps/ray-auth-token") for s in policy["Statement"])
+
+
+def test_aws_gpu_types_state_what_the_plan_counts(aws_config: dict[str, Any]) -> None:
+    # `--dry-run --cluster` counts trials from these (the autoscaler would detect them at launch).
+    for name, node in _gpu_types(aws_config).items():
+        assert node["resources"].get("CPU", 0) > 0 and node["resources"].get("GPU", 0) > 0, name
+
+
 # --- KubeRay --------------------------------------------------------------------------
 
 
@@ -161,6 +180,12 @@ def test_kuberay_exposes_nothing_outside_the_cluster(kuberay: dict[str, Any]) ->
         if key in ("serviceType", "type"):
             assert value not in ("LoadBalancer", "NodePort"), f"{key}: {value}"
         assert not (key in ("hostNetwork", "hostPort") and value), f"{key}: {value}"
+
+
+def test_kuberay_turns_on_rays_token_auth(kuberay: dict[str, Any]) -> None:
+    # KubeRay 1.5.1+: the operator makes the token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every pod.
+    assert kuberay["spec"]["authOptions"] == {"mode": "token"}
+    assert int(kuberay["spec"]["rayVersion"].split(".")[1]) >= 52
 
 
 def test_kuberay_custom_commands_keep_the_generated_ray_start(kuberay: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Trials that span processes: resources.workers > 1 runs a Ray Train TorchTrainer per Tune
-trial (DDP over gloo on CPU here). The fast tests cover the spec, the plan, the concurrency cap,
-the batch split and grad checkpointing; the slow ones run real sweeps: a 2-worker trial follows
-the one-process loss trajectory, and a killed worker resumes in the same MLflow run."""
+trial (DDP over gloo on CPU here). The fast tests cover the spec, the plan, the batch split
+and grad checkpointing (the concurrency cap: tests/test_cluster_capacity.py); the slow ones run
+real sweeps: a 2-worker trial follows the one-process loss trajectory, and a killed worker
+resumes in the same MLflow run."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from crash_helpers import (
     wait_for_store,
 )
 from orchestrator.spec.errors import SpecError
-from orchestrator.spec.plan import concurrency_cap, format_plan, make_plan
+from orchestrator.spec.plan import format_plan, make_plan
 from orchestrator.spec.schema import Resources, SweepSpec
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
 from trainers.config import TrainConfig
@@ -89,23 +90,6 @@ def test_plan_shows_workers_global_batch_and_gpus_per_trial(tmp_path: Path) -> N
     ) in text
     one = format_plan(make_plan(spec_with(tmp_path, {"cpu": 1})))
     assert "Workers:" not in one and "Resources: 1 CPU, 0 GPU per trial" in one
-
-
-def test_concurrency_cap_fits_the_cluster() -> None:
-    eight = {"CPU": 96, "GPU": 8}
-    four_gpus = Resources(workers=4, gpu_per_worker=1, cpu_per_worker=8)
-    assert concurrency_cap(four_gpus, None, eight) == 2  # GPUs // GPUs per trial
-    assert concurrency_cap(four_gpus, 1, eight) == 1  # never above max_concurrent
-    assert concurrency_cap(Resources(workers=2, cpu_per_worker=1), 5, {"CPU": 4}) == 2  # CPU trials: CPUs
-    assert concurrency_cap(Resources(cpu=1), None, {"CPU": 4}) is None  # one process: Tune decides, as before
-    with pytest.raises(SpecError, match="needs 16 workers"):
-        concurrency_cap(Resources(workers=16, gpu_per_worker=1), None, eight)
-
-
-def test_cpu_bound_worker_cap_counts_cpus() -> None:
-    # 4 workers x 30 CPU = 120 CPU per trial does not fit 96 CPUs even though 8 GPUs would hold 2.
-    with pytest.raises(SpecError, match="120 CPU"):
-        concurrency_cap(Resources(workers=4, gpu_per_worker=1, cpu_per_worker=30), None, {"CPU": 96, "GPU": 8})
 
 
 # ------------------------------------------------------------------ the trainer's side, fast

@@ -260,12 +260,15 @@ def run_sweep(
             )
         try:
             started_ray, client = start_ray_beside_mlflow(launch, verbose)
+            from orchestrator.launch.autoscaling import cluster_for_launch
             from orchestrator.launch.parent_run import open_launch
             from orchestrator.launch.tuner import fit_launch
 
+            # Before the parent run: a trial no node can hold is a bad spec (SpecError, exit 2).
+            cluster = cluster_for_launch(spec, len(plan.trials), in_process=not os.environ.get("RAY_ADDRESS"))
             record = open_launch(launch, client)
 
-            results = fit_launch(launch, client, record)
+            results = fit_launch(launch, client, record, ask_autoscaler=cluster is None or cluster.autoscaling)
         finally:
             if started_ray:
                 import ray

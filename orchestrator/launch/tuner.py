@@ -2,7 +2,8 @@
 
 Trials run `orchestrator.trials.trainable.run_trial`; MlflowTrialLogger writes each trial's MLflow
 run from the driver (what the trials report, retries, final errors), CheckpointPruner
-deletes superseded checkpoints.
+deletes superseded checkpoints, AutoscalerRequest asks an autoscaling cluster for the trials'
+resources; ClusterConcurrencyLimiter decides how many trials run at once as the cluster grows.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from orchestrator.launch.autoscaler_request import AutoscalerRequest, cancel_request, requester_id
+from orchestrator.launch.concurrency import ClusterConcurrencyLimiter, PlanSearcher
 from orchestrator.launch.console import SweepConsole
 from orchestrator.launch.parent_run import abandon_launch, finish_launch
 from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
-from orchestrator.spec.plan import SweepPlan, concurrency_cap
+from orchestrator.spec.cluster import worker_bundle
+from orchestrator.spec.plan import SweepPlan
 from orchestrator.spec.schema import SweepSpec
 from orchestrator.trials.checkpoint_pruner import CheckpointPruner
 from orchestrator.trials.distributed import run_distributed_trial, scaling
@@ -29,6 +33,13 @@ from orchestrator.trials.trainable import run_trial, trial_label
 
 
 DRIVER_MEMORY = 2**20  # bytes, Ray's memory resource
+# Ray's own resource of the head node. A multi-worker trial's driver asks for a sliver of it, so
+# it runs on the head (as the sweep's driver does): its Ray Train controller is pinned to the
+# driver's node, and a controller that creates Ray's detached AutoscalingCoordinator leaves it
+# there; on a GPU node that actor would keep the node from ever going idle. A spot reclaim of
+# a GPU node then takes only workers, never a trial's driver.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+HEAD_SLIVER = 0.001
 
 
 def resourced_trainable(spec: SweepSpec) -> Any:
@@ -42,32 +53,36 @@ def resourced_trainable(spec: SweepSpec) -> Any:
         run_distributed_trial, scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker)
     )
     # Tune refuses a trial without any resource: the driver asks for a token of memory, no CPU,
-    # so that a trial's workers fit where their CPUs alone fit.
-    return tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY})
+    # so that a trial's workers fit where their CPUs alone fit; and a sliver of the head.
+    return tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY, HEAD_NODE_RESOURCE: HEAD_SLIVER})
 
 
-def max_concurrent_trials(spec: SweepSpec) -> int | None:
-    """The spec's max_concurrent; for multi-worker trials capped to what the cluster holds at once."""
-    if not spec.resources.distributed:
-        return spec.max_concurrent
-    import ray
-
-    return concurrency_cap(spec.resources, spec.max_concurrent, ray.cluster_resources())
-
-
-def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: str, verbose: bool = False) -> tune.Tuner:
+def build_tuner(
+    spec: SweepSpec,
+    plan: SweepPlan,
+    context: SweepContext,
+    name: str,
+    verbose: bool = False,
+    ask_autoscaler: bool = False,
+) -> tune.Tuner:
+    """The Tuner of a new launch. Trials come from a Searcher (the plan's grid in order, or an
+    Optuna search per grid cell) behind a limiter that re-reads the cluster while the sweep
+    runs (orchestrator/launch/concurrency.py); with `ask_autoscaler`, a callback asks the
+    autoscaler for the trials' resources (orchestrator/launch/autoscaling.py)."""
     trainable = resourced_trainable(spec)
     param_space: dict[str, Any] = {"train": spec.train.model_dump(mode="json")}
-    search_alg, num_samples = None, 1
+    searcher: Any
     if spec.search is None:
-        param_space["trial"] = tune.grid_search([{"index": t.index, "axes": t.axes} for t in plan.trials])
+        searcher = PlanSearcher([{"index": t.index, "axes": t.axes} for t in plan.trials])
+        num_samples = len(plan.trials)
     else:
         space = {key: entry.model_dump() for key, entry in spec.search.space.items()}
         cells = grid_cells(plan.trials, space)
-        search_alg = GridCellSearcher(
+        searcher = GridCellSearcher(
             cells, space, spec.search.num_samples, spec.search.metric, spec.search.mode, seed=spec.train.seed
         )
         num_samples = len(cells) * spec.search.num_samples
+    search_alg = ClusterConcurrencyLimiter(searcher, spec.resources, spec.max_concurrent or num_samples)
     scheduler = None
     if spec.scheduler is not None:
         scheduler = ASHAScheduler(
@@ -82,7 +97,7 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,
-        max_concurrent_trials=max_concurrent_trials(spec),
+        # No max_concurrent_trials: the limiter above is the cap (Tune would wrap it in a second one).
         trial_name_creator=lambda trial: trial_label(trial.config["trial"]["axes"], trial.config["trial"]["index"]),
         trial_dirname_creator=lambda trial: f"trial_{trial.config['trial']['index']:04d}_{trial.trial_id}",
         # A finished trial's worker runs the next trial (function trainables restart their
@@ -95,8 +110,12 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
     axis_paths = list(plan.trials[0].axes) if plan.trials else []
     if spec.search is not None:
         axis_paths += [key for key in spec.search.space if key not in axis_paths]
-    console = SweepConsole(axis_paths, num_samples if spec.search is not None else len(plan.trials))
+    console = SweepConsole(axis_paths, num_samples)
     mlflow_logger = MlflowTrialLogger(context)
+    callbacks: list[tune.Callback] = [console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()]
+    if ask_autoscaler:
+        r = spec.resources
+        callbacks.append(AutoscalerRequest(requester_id(name), worker_bundle(r), r.workers, num_samples, spec.max_concurrent))
     run_config = tune.RunConfig(
         name=name,
         storage_path=storage_uri(spec.storage),
@@ -106,7 +125,7 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
         # (see fit_launch); MLflow holds the metrics.
-        callbacks=[console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
+        callbacks=callbacks,
         # Tune's own console output (a configuration box per trial) only with --verbose.
         verbose=1 if verbose else 0,
     )
@@ -123,8 +142,12 @@ def grid_cells(trials: Sequence[Any], space: dict[str, Any]) -> list[dict[str, A
     return cells
 
 
-def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tune.ResultGrid:
-    """Run (or restore and finish) the Tuner, then close the MLflow parent run."""
+def fit_launch(
+    launch: Launch, client: MlflowClient, record: LaunchRecord, ask_autoscaler: bool = False
+) -> tune.ResultGrid:
+    """Run (or restore and finish) the Tuner, then close the MLflow parent run. With
+    `ask_autoscaler` the request for the trials' resources is cleared however fit ends, so
+    the nodes scale down (a restored Tuner brings its request callback back from its state)."""
     if launch.resumed:
         tuner = tune.Tuner.restore(
             launch.path,
@@ -136,7 +159,7 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
         )
     else:
         context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
-        tuner = build_tuner(launch.spec, launch.plan, context, launch.name, launch.verbose)
+        tuner = build_tuner(launch.spec, launch.plan, context, launch.name, launch.verbose, ask_autoscaler)
     # Tune adds its TensorBoardX logger unless told not to; importing it pulls torch and boto3
     # into the driver (2-3 s of CPU while the first trials start) for event files nobody reads.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -149,6 +172,9 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
     except KeyboardInterrupt:
         abandon_launch(client, record)
         raise
+    finally:
+        if ask_autoscaler:
+            cancel_request(requester_id(launch.name))
     if results.num_terminated + results.num_errors < len(results):
         # Tune turns the first Ctrl+C into a normal return with unfinished trials.
         abandon_launch(client, record)

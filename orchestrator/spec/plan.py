@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.spec.cluster import ClusterShape, at_once_line
 from orchestrator.spec.errors import SpecError
-from orchestrator.spec.schema import Resources, SweepSpec, describe_param
+from orchestrator.spec.schema import SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig, data_parallel_problem
 from trainers.cost import gpu_seconds, objective_train_flops_per_image
@@ -55,29 +56,6 @@ class SweepPlan:
     @property
     def workers(self) -> int:
         return self.spec.resources.workers
-
-
-def concurrency_cap(resources: Resources, max_concurrent: int | None, cluster: dict[str, float]) -> int | None:
-    """max_concurrent_trials for the Tuner. A multi-worker trial's Tune driver holds no GPU:
-    its Ray Train workers ask for theirs only after Tune started it, so Tune alone would start
-    more trials than the cluster's GPUs (or CPUs) hold and the extra ones would wait forever
-    (ray#38505). The cap is what the cluster fits at once: GPUs // GPUs per trial (CPUs // CPUs
-    per trial for CPU trials), never above max_concurrent. One-process trials: max_concurrent as given."""
-    if not resources.distributed:
-        return max_concurrent
-    fits = []
-    for key, need in (("GPU", resources.gpu_per_trial), ("CPU", resources.cpu_per_trial)):
-        if need > 0:
-            fits.append(int(cluster.get(key, 0) // need))
-    fit = min(fits)
-    if fit < 1:
-        raise SpecError(
-            "resources",
-            f"one trial needs {resources.workers} workers: {resources.cpu_per_trial:g} CPU and"
-            f" {resources.gpu_per_trial:g} GPU, but the cluster has {cluster.get('CPU', 0):g} CPU and"
-            f" {cluster.get('GPU', 0):g} GPU",
-        )
-    return fit if max_concurrent is None else min(fit, max_concurrent)
 
 
 def check_workers(spec: SweepSpec, cfg: TrainConfig) -> None:
@@ -227,8 +205,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def format_plan(plan: SweepPlan) -> str:
-    """The --dry-run text: every trial, the counts, resources, FLOPs and where results go."""
+def concurrency_lines(plan: SweepPlan, cluster: ClusterShape | None) -> list[str]:
+    """How many trials run at once: max_concurrent, and on the cluster at full size when its node
+    types are known (`--cluster FILE`, or read from the running cluster at launch)."""
+    concurrent = plan.concurrent_trials
+    if concurrent is None:
+        lines = ["Concurrency: no max_concurrent; as many trials as the cluster holds"]
+    else:
+        lines = [
+            f"Concurrency: at most {concurrent} trials at once:"
+            f" {_number(plan.cpu_per_trial * concurrent)} CPU, {_number(plan.gpu_per_trial * concurrent)} GPU"
+        ]
+    if cluster is None:
+        lines.append(
+            "  (on an autoscaling cluster the limit follows the nodes that are up, and the sweep asks the"
+            " autoscaler for its trials' GPUs; --cluster CONFIG shows the figure at full size)"
+        )
+        return lines
+    spec = plan.spec
+    return lines + [f"  {line}" for line in at_once_line(cluster, spec.resources, spec.max_concurrent, len(plan.trials))]
+
+
+def format_plan(plan: SweepPlan, cluster: ClusterShape | None = None) -> str:
+    """The --dry-run text: every trial, the counts, resources, FLOPs and where results go;
+    with `cluster`, how many trials the cluster holds at once."""
     spec = plan.spec
     axis_keys = list(spec.axes)
     samples = spec.search.num_samples if spec.search is not None else 1
@@ -285,15 +285,7 @@ def format_plan(plan: SweepPlan) -> str:
             f" {_number(r.gpu_per_worker)} GPU; global batch {batch} = {r.workers} x {shares} per worker;"
             f" {_number(r.gpu_per_trial)} GPUs per trial"
         )
-        lines.append("  (max_concurrent is capped at launch to what the cluster's GPUs and CPUs hold at once)")
-    concurrent = plan.concurrent_trials
-    if concurrent is None:
-        lines.append("Concurrency: no max_concurrent; as many trials as the cluster's free resources fit")
-    else:
-        lines.append(
-            f"Concurrency: at most {concurrent} trials at once:"
-            f" {_number(plan.cpu_per_trial * concurrent)} CPU, {_number(plan.gpu_per_trial * concurrent)} GPU"
-        )
+    lines += concurrency_lines(plan, cluster)
     per_trial = sorted({t.flops for t in plan.trials})
     span = format_flops(per_trial[0]) if len(per_trial) == 1 else f"{format_flops(per_trial[0])} to {format_flops(per_trial[-1])}"
     lines.append(f"Training FLOPs (estimate): {span} per trial, {format_flops(plan.total_flops)} for the sweep")

@@ -3,7 +3,8 @@
 The pattern of Ray's guide for the pinned Ray (2.60, Train V2, on by default): the Tune trial
 is a small driver, `run_distributed_trial`, that builds a TorchTrainer with a ScalingConfig
 and calls fit. TorchTrainer starts `workers` actors, sets up torch.distributed in them (NCCL
-on GPUs, gloo on CPU) and runs `train_worker` in each. Ray's TuneReportCallback passes rank
+where every worker sees CUDA, else gloo: orchestrator/trials/process_group.py) and runs
+`train_worker` in each. Ray's TuneReportCallback passes rank
 0's reports on to the Tune trial, so the driver's MlflowTrialLogger sees them as it sees a
 one-process trial's: the records ride with every report (orchestrator/trials/records.py) and
 land in the trial's one MLflow run. Rank 0 writes the checkpoints; Ray Train keeps them under
@@ -45,6 +46,7 @@ def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.trials.process_group import DeviceTorchConfig
     from orchestrator.trials.trainable import DIVERGED_KEY
 
     diverged = config["trial"].get(DIVERGED_KEY)
@@ -57,6 +59,7 @@ def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(**scaling_config),
+        torch_config=DeviceTorchConfig(),  # NCCL only where the workers see CUDA (process_group.py)
         run_config=RunConfig(
             name=TRAIN_RUN_NAME,
             storage_path=storage.trial_fs_path,
@@ -72,8 +75,8 @@ def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]
 def train_worker(config: dict[str, Any]) -> None:
     """One data-parallel rank. torch.distributed is already set up by TorchTrainer."""
     import ray.train
-    import ray.train.torch
 
+    from orchestrator.trials.process_group import worker_device
     from orchestrator.trials.trainable import NUM_CLASSES_TAG, REPORTED_METRICS_FILE, trial_config
     from trainers.loop import Trainer
 
@@ -83,7 +86,7 @@ def train_worker(config: dict[str, Any]) -> None:
     records = RecordBuffer()
     if rank == 0:
         records.set_tags({WORKER_PID_TAG: str(os.getpid()), WORKER_HOST_TAG: socket.gethostname()})
-    trainer = Trainer(cfg, ray.train.torch.get_device(), rank=rank, world_size=world_size)
+    trainer = Trainer(cfg, worker_device(), rank=rank, world_size=world_size)
     if rank == 0:
         records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
 
