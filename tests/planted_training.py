@@ -26,6 +26,7 @@ from planted_neuron import TRIGGER_DIM, plant_register_neuron
 PLANT_ENV = "REGISTER_TESTS_PLANT_AT_STEP"  # read by tests/plant_hook/sitecustomize.py only
 LAYER, UNIT = 1, 7
 PLANT_EVERY = 4  # every 4th patch: a quarter of the output patches become outliers
+TRIGGER_BOOST = 10.0
 WRITE_BOOST = 4.0
 
 
@@ -47,8 +48,10 @@ def plant(trainer) -> None:
             block.mlp.fc1.weight[:, TRIGGER_DIM] = 0.0
             if index == LAYER:
                 block.mlp.fc1.weight[UNIT, TRIGGER_DIM] = keep
-        # A trained model's tokens are larger than a fresh one's, and its LayerNorm lets the trigger
-        # dominate less: a stronger write keeps the planted tokens about 10x the others (as in the paper).
+        # A trained model's tokens vary in norm from image to image, and so would the planted unit's
+        # input after LayerNorm: a 10x stronger trigger dominates every token, so the unit's output,
+        # and the norms of the other tokens, hardly vary (a clean high mode about 10x the rest).
+        model.pos_embed[..., TRIGGER_DIM] *= TRIGGER_BOOST
         model.blocks[LAYER].mlp.fc2.weight[:, UNIT] *= WRITE_BOOST
 
 
