@@ -106,7 +106,11 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
         # (see fit_launch); MLflow holds the metrics.
-        callbacks=[console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()],
+        # The pruner tags each checkpoint it keeps for good (milestones, around emergence) on the trial's run.
+        callbacks=[
+            console, mlflow_logger, CheckpointPruner(keep=2, on_tags=mlflow_logger.tag_trial),
+            CSVLoggerCallback(), JsonLoggerCallback(),
+        ],
         # Tune's own console output (a configuration box per trial) only with --verbose.
         verbose=1 if verbose else 0,
     )
