@@ -138,3 +138,16 @@ def test_a_milestone_checkpoint_is_kept_for_good(tmp_path: Path) -> None:
     pruner.on_experiment_end([])
     assert remaining(tmp_path / "e") == ["checkpoint_000000", "checkpoint_000004"]  # step 20 and the newest
     assert list(tags) == [keys.kept_checkpoint_tag(20)]  # step 50 had no checkpoint: nothing to keep there
+
+
+def test_a_milestone_that_is_also_the_last_before_the_event_gets_both_tags(tmp_path: Path) -> None:
+    from trainers.emergence import keys
+
+    tags: dict[str, str] = {}
+    pruner = CheckpointPruner(keep=1, grace_s=0.0, clock=Clock(), on_tags=lambda trial, t: tags.update(t))
+    trial = emergence_trial(keep_checkpoints_at=[0.2])
+    first, second, third = write_checkpoints(tmp_path / "e", 3)
+    report(pruner, trial, first, 20, last_clean=20)
+    report(pruner, trial, second, 40, last_clean=20)
+    report(pruner, trial, third, 60, last_clean=20, emerged_at=30)
+    assert tags[keys.CHECKPOINT_BEFORE] == "20" and tags[keys.CHECKPOINT_AFTER] == "40"

@@ -22,7 +22,7 @@ may turn out to be those two are held back too. Each checkpoint kept for good is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import pyarrow.fs
@@ -42,7 +42,7 @@ class KeptCheckpoint:
     filesystem: pyarrow.fs.FileSystem | None
     superseded_at: float | None = None  # when `keep` newer ones existed and nothing held it (monotonic clock)
     step: int | None = None  # the training step it holds (from the report it came with)
-    kept_for_good: str | None = None  # why it is never deleted (kept_checkpoints.FOR_GOOD)
+    kept_for_good: set[str] = field(default_factory=set)  # why it is never deleted (kept_checkpoints.FOR_GOOD)
 
     @property
     def uri(self) -> str:
@@ -86,11 +86,12 @@ class CheckpointPruner(Callback):
         now = self.clock()
         newest = kept[-self.keep :]
         for old in kept:
-            reason = reasons.get(old.step) if old.step is not None else None
-            if reason in FOR_GOOD and old.kept_for_good is None:
-                old.kept_for_good = reason
-                self._tag(trial, old)
-            held = old in newest or reason is not None or old.kept_for_good is not None
+            why = reasons.get(old.step, set()) if old.step is not None else set()
+            new = (why & set(FOR_GOOD)) - old.kept_for_good
+            if new:
+                old.kept_for_good |= new
+                self._tag(trial, old, new)
+            held = old in newest or bool(why) or bool(old.kept_for_good)
             if held:
                 old.superseded_at = None
             elif old.superseded_at is None:
@@ -109,13 +110,13 @@ class CheckpointPruner(Callback):
             self.milestones[trial.trial_id] = (milestone_steps(cfg.probe.keep_checkpoints_at, cfg.steps), monitored)
         return self.milestones[trial.trial_id]
 
-    def _tag(self, trial: Trial, checkpoint: KeptCheckpoint) -> None:
+    def _tag(self, trial: Trial, checkpoint: KeptCheckpoint, reasons: set[str]) -> None:
         if self.on_tags is None or checkpoint.step is None:
             return
         tags = {keys.kept_checkpoint_tag(checkpoint.step): checkpoint.uri}
-        if checkpoint.kept_for_good == BEFORE_EVENT:
+        if BEFORE_EVENT in reasons:
             tags[keys.CHECKPOINT_BEFORE] = str(checkpoint.step)
-        if checkpoint.kept_for_good == AFTER_EVENT:
+        if AFTER_EVENT in reasons:
             tags[keys.CHECKPOINT_AFTER] = str(checkpoint.step)
         self.on_tags(trial, tags)
 

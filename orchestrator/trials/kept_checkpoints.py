@@ -36,22 +36,24 @@ class WatchState:
     emerged_at_step: int | None = None
 
 
-def kept_reasons(steps: Iterable[int], milestones: Iterable[int], watch: WatchState) -> dict[int, str]:
-    """Step -> why the checkpoint at that step is kept past pruning (steps without a reason may go)."""
+def kept_reasons(steps: Iterable[int], milestones: Iterable[int], watch: WatchState) -> dict[int, set[str]]:
+    """Step -> why the checkpoint at that step is kept past pruning (steps without a reason may go).
+    One checkpoint may have several reasons (a milestone that is also the last one before the event)."""
     steps = sorted(set(steps))
-    kept = {step: MILESTONE for step in steps if step in set(milestones)}
+    wanted = set(milestones)
+    kept: dict[int, set[str]] = {step: {MILESTONE} for step in steps if step in wanted}
     emerged = watch.emerged_at_step
     if emerged is not None:
         before = [s for s in steps if s < emerged]
         after = [s for s in steps if s >= emerged]
         if before:
-            kept[before[-1]] = BEFORE_EVENT
+            kept.setdefault(before[-1], set()).add(BEFORE_EVENT)
         if after:
-            kept[after[0]] = AFTER_EVENT
+            kept.setdefault(after[0], set()).add(AFTER_EVENT)
     elif watch.monitored:
         clean = watch.last_clean_step
         anchor = max((s for s in steps if clean is not None and s <= clean), default=None)
         for step in steps:
             if anchor is None or step >= anchor:
-                kept.setdefault(step, WINDOW)
+                kept.setdefault(step, set()).add(WINDOW)
     return kept
