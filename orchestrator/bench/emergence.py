@@ -12,7 +12,12 @@ The three variants of a trial run back to back, in an order that rotates between
 repeats, so a machine that slows down for a while hurts all three alike. Both the wall time and
 the process CPU time (which another process on a shared machine does not inflate) are summed
 per variant; the ratios are against the baseline. The same training is done three times: the
-trajectory is identical (tests/test_emergence_training.py), only the watch's work differs.
+trajectory is identical (tests/test_emergence_training.py), only the watch's work differs. One
+untimed training first pays the imports (matplotlib for the final figures) and warm-up.
+
+The quickstart's models grow no artifacts, so no suspicion opens and no adaptive probe runs
+there; what one would cost is measured apart, on the first trial's trained model: a training
+step, a regular probe, an adaptive probe and a weight snapshot, each the median of a few runs.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ def run_emergence_bench(spec_path: Path = DEFAULT_SPEC, which: str = "longest", 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        warm = Trainer(trials[0].config, torch.device("cpu"))
+        warm.fit()
+        unit_costs = measure_unit_costs(warm)
         order = list(VARIANTS)
         for round_ in range(repeat):
             for index, trial in enumerate(trials):
@@ -97,6 +105,42 @@ def run_emergence_bench(spec_path: Path = DEFAULT_SPEC, which: str = "longest", 
         "variants": {name: vars(t) for name, t in totals.items()},
         "ratio_wall": {name: t.wall_s / base.wall_s for name, t in totals.items()},
         "ratio_cpu": {name: t.cpu_s / base.cpu_s for name, t in totals.items()},
+        "unit_costs_ms": unit_costs,
+    }
+
+
+def measure_unit_costs(trainer: Any, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds (median of `repeats`) of a training step, a regular probe (no figures), an
+    adaptive probe and a weight snapshot, on this trainer's model and probe batch."""
+    import statistics
+
+    from trainers.emergence.measure import output_artifacts
+    from trainers.emergence.snapshots import WeightSnapshots
+    from trainers.probes.report import run_probes
+
+    cfg = trainer.cfg
+    probe_batch = trainer.data.probe_batch(cfg.probe.batch_size)
+    batch = next(iter(trainer.data.train_batches(0, cfg.optim.batch_size)))
+    snapshots = WeightSnapshots()
+
+    def timed(work: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    def snapshot() -> None:
+        snapshots.take(0, trainer.objective.probe_model)
+        snapshots.drop_through(0)  # as the window rolls on: the next copy reuses the buffers
+
+    model = trainer.objective.probe_model
+    return {
+        "training step": timed(lambda: trainer.train_step(batch)),
+        "regular probe": timed(lambda: run_probes(model, probe_batch, cfg.probe, figures=False)),
+        "adaptive probe": timed(lambda: output_artifacts(model, probe_batch.images)),
+        "weight snapshot": timed(snapshot),
     }
 
 
@@ -113,4 +157,10 @@ def format_emergence_result(result: dict[str, Any]) -> str:
         )
     flagged = sorted({f for t in result["variants"].values() for f in t["flagged_trials"]})
     lines.append("  flagged: " + (", ".join(flagged) if flagged else "no trial (no adaptive probe ran)"))
+    costs = result["unit_costs_ms"]
+    step = costs["training step"]
+    lines.append(
+        "  one of each, first trial's model: "
+        + ", ".join(f"{name} {ms:.1f} ms ({ms / step:.2f} steps)" for name, ms in costs.items())
+    )
     return "\n".join(lines)
