@@ -166,3 +166,5 @@ def test_the_end_table_says_whether_and_when_artifacts_emerged() -> None:
     assert micro.split() == ["micro", "300", "1/2@0.30", "-"]
     assert mini.split() == ["mini", "300", "0.42", "no"]
     assert emergence_table([emergence_row("micro", 300, 0, {"step": 300})]) == []  # nothing watched: no table
+    # A final probe alone cannot confirm anything: no table for trials without probes during training.
+    assert emergence_table([emergence_row("micro", 300, 0, watched(0.0, 2.0), probes_in_training=False)]) == []

@@ -57,9 +57,14 @@ def stopped(result: Mapping[str, Any]) -> bool:
 EmergenceRow = tuple[str, int, int, float | None, bool]  # size label, steps, registers, emerged at (fraction), watched
 
 
-def emergence_row(size: str, steps: int, registers: int, metrics: Mapping[str, Any] | None) -> EmergenceRow:
+def emergence_row(
+    size: str, steps: int, registers: int, metrics: Mapping[str, Any] | None, probes_in_training: bool = True
+) -> EmergenceRow:
+    """probes_in_training: the trial probed during training (probe.every > 0, the watch on); a final
+    probe alone can flag artifacts but never confirm them, so such a trial says nothing here."""
     metrics = metrics or {}
-    return size, steps, registers, metrics.get(keys.EMERGED_AT_FRACTION_VALUE), keys.OUTLIER_FRAC in metrics
+    watched = probes_in_training and keys.OUTLIER_FRAC in metrics
+    return size, steps, registers, metrics.get(keys.EMERGED_AT_FRACTION_VALUE), watched
 
 
 def emergence_table(rows: Sequence[EmergenceRow], size_order: Any = None) -> list[str]:

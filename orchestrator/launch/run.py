@@ -288,7 +288,13 @@ def run_sweep(
 
 def artifacts_table(results: Any) -> list[str]:
     """Whether and when artifacts emerged per setting (orchestrator/launch/emergence_view.py), after a blank line."""
-    table = emergence_table([emergence_row(*result_row(r.config, r.metrics)[:3], r.metrics) for r in results], _size_order)
+    from orchestrator.trials.trainable import trial_config
+
+    rows = []
+    for r in results:
+        probe = trial_config(r.config["train"], r.config["trial"]["axes"]).probe
+        rows.append(emergence_row(*result_row(r.config, r.metrics)[:3], r.metrics, probe.monitor and probe.every > 0))
+    table = emergence_table(rows, _size_order)
     return ["", *table] if table else []
 
 
