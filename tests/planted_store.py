@@ -178,6 +178,7 @@ def plant_sweep(
     checkpoints: Path | None = None,
     objectives: Sequence[str] = ("supervised",),
     artifacts: Mapping[str, Sequence[str]] | None = None,
+    emergence_tags: Mapping[tuple[str, int], int | None] | None = None,
 ) -> PlantedSweep:
     """Write the planted sweep into `tracking_uri` and return the run ids.
 
@@ -185,6 +186,10 @@ def plant_sweep(
     checkpoint_uri, as the sweep driver does): random-init models of each size with a
     register neuron planted at every eighth patch position (tests/planted_neuron.py), so a
     test-time register has artifacts to move.
+
+    emergence_tags: what each trial's own emergence watch tagged, by (size, seed): the step its
+    artifacts emerged at (the run gets emergence.status=emerged and emerged_at_step), or None
+    (emergence.status=none). Trials of other (size, seed) pairs carry no such tags.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.create_experiment(experiment)
@@ -203,6 +208,10 @@ def plant_sweep(
             params=[Param(k, v) for k, v in params.items()],
             tags=[RunTag("mlflow.runName", f"{size}-r{regs}-s{steps}-seed{seed}")],
         )
+        if emergence_tags is not None and (size, seed) in emergence_tags:
+            emerged = emergence_tags[(size, seed)]
+            watch = {"emergence.status": "none"} if emerged is None else {"emergence.status": "emerged", "emerged_at_step": str(emerged)}
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in watch.items()])
         if checkpoints is not None and regs == 0:
             folder = _planted_checkpoint(checkpoints / run_id, size, steps, seed)
             client.set_tag(run_id, "checkpoint_uri", str(folder))

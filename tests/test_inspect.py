@@ -168,6 +168,7 @@ def test_the_hub_lookup_fails_in_seconds_not_after_retries(tmp_path, monkeypatch
         ("eva02_tiny_patch14_224.mim_in22k", "need a timm VisionTransformer"),
         ("vit_small_patch14_dinov2.lvd142m=/no/such/file.safetensors", "no file at"),
         ("run:123", "32 hex digits"),
+        ("run:0123456789abcdef0123456789abcdef@last", "run:RUN_ID@STEP"),
     ],
 )
 def test_bad_models_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, model, message):
@@ -221,6 +222,55 @@ def test_a_trial_by_run_id_with_a_test_time_register(trial_store, tmp_path, caps
     assert "trial micro-r0 + test-time register" in report and "## Test-time registers" in report
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [s["variant"] for s in summary] == ["as trained", "test-time register"]
+
+
+@pytest.fixture(scope="module")
+def kept_store(tmp_path_factory):
+    """A finished trial that kept a clean checkpoint at step 5 (tagged by the checkpoint pruner) and
+    whose final checkpoint, at step 10, carries a planted register neuron."""
+    from trainers.emergence.keys import kept_checkpoint_tag
+    from trainers.model import build_model
+
+    folder = tmp_path_factory.mktemp("kept")
+    cfg = TrainConfig(
+        model=ModelConfig(size="micro", patch_size=4, img_size=32), data=DataConfig(name="shapes", val_size=64),
+        probe=ProbeConfig(batch_size=32), steps=10, eval_every=0,
+    )
+    final = planted_trial_checkpoint(folder / "checkpoint_000001", cfg)
+    torch.manual_seed(0)
+    clean = folder / "checkpoint_000000"
+    clean.mkdir()
+    torch.save({"step": 5, "model": build_model(cfg.model, cfg.data.num_classes).state_dict(), "config": cfg.model_dump()}, clean / "trainer_state.pt")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("sweep")
+    tags = {"sweep.role": "trial", "checkpoint_uri": str(final.parent), "mlflow.runName": "micro-r0", kept_checkpoint_tag(5): str(clean)}
+    run = client.create_run(experiment, tags=tags)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return uri, run.info.run_id
+
+
+def test_a_trial_at_a_kept_step_and_at_its_final_step(kept_store, tmp_path, capsys):
+    uri, run_id = kept_store
+    args = ["--test-time-registers", "--images", "16", "--search-images", "16", "--tracking-uri", uri, "--out", str(tmp_path / "out")]
+    assert main([f"run:{run_id}@5", f"run:{run_id}@10", *args]) == 0, capsys.readouterr().err
+    runs = [r for r in store_runs(uri) if r.data.tags.get("sweep.role") == "inspection"]
+    by_step = {(r.data.tags["inspect.trial_step"], r.data.tags["inspect.variant"]): r.data for r in runs}
+    assert set(by_step) == {("5", "as trained"), ("10", "as trained"), ("10", "test-time register")}
+    assert by_step[("5", "as trained")].metrics[OUTPUT_FRAC] == 0.0  # nothing before the neuron was planted
+    assert by_step[("10", "as trained")].metrics[OUTPUT_FRAC] == pytest.approx(1 / 8)
+    assert by_step[("10", "test-time register")].metrics[OUTPUT_FRAC] == 0.0
+    printed = capsys.readouterr().out
+    assert f"trial micro-r0 @ step 5" in printed and "no outlier patches" in printed
+
+
+def test_a_step_the_trial_did_not_keep_is_one_line_naming_what_it_kept(kept_store, tmp_path, monkeypatch, capsys):
+    uri, run_id = kept_store
+    monkeypatch.chdir(tmp_path)
+    assert main([f"run:{run_id}@7", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: run {run_id} keeps no checkpoint at step 7; it keeps steps 5 and its final checkpoint (step 10)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_image_folder_and_a_tar_shard(weights, tmp_path):

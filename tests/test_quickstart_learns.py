@@ -28,14 +28,18 @@ MIN_TOP1 = 0.8
 def quickstart_trial(num_registers: int) -> TrialPlan:
     """The quickstart's trial of its first model size at its longest length, first seed."""
     plan = make_plan(load_spec(QUICKSTART))
-    size = plan.spec.grid["model.size"][0]
-    longest = max(t.config.steps for t in plan.trials)
+    return quickstart_trial_of(plan.spec.grid["model.size"][0], max(t.config.steps for t in plan.trials), num_registers)
+
+
+def quickstart_trial_of(size: str, steps: int, num_registers: int) -> TrialPlan:
+    """The quickstart's trial of this size, length and register count, first seed."""
+    plan = make_plan(load_spec(QUICKSTART))
     seed = plan.spec.seeds[0]
     (trial,) = [
         t
         for t in plan.trials
         if (t.config.model.size, t.config.steps, t.config.seed, t.config.model.num_registers)
-        == (size, longest, seed, num_registers)
+        == (size, steps, seed, num_registers)
     ]
     return trial
 

@@ -237,6 +237,40 @@ class ProbeConfig(Strict):
     figures: Literal["end", "every", "off"] = Field(
         default="end", description="PNG figures at the final probe only, at every probe, or never"
     )
+    # Emergence of artifacts, watched while the trial trains (trainers/emergence/, docs/probes.md).
+    monitor: bool = Field(
+        default=True, description="watch the probes' output outlier fraction for the emergence of artifacts"
+    )
+    emergence_consecutive: int = Field(
+        default=3, ge=1, description="K: artifacts emerged at the first of K consecutive flagged regular probes"
+    )
+    emergence_min_fraction: float = Field(
+        default=0.005, gt=0, le=1, description="a probe is flagged when at least this fraction of output patches are outliers"
+    )
+    adaptive: bool = Field(
+        default=False,
+        description="on a first flagged probe, probe every every/8 steps (back over the window since the last clean "
+        "probe, from weight snapshots, and on) until the event is confirmed or dismissed",
+    )
+    on_emergence: Literal["continue", "alert", "stop"] = Field(
+        default="continue",
+        description="when artifacts emerge: go on; go on with a console line and the tag emergence.alert=true; "
+        "or stop the trial (a sweep that only maps where artifacts appear)",
+    )
+    keep_checkpoints_at: list[float] = Field(
+        default=[], description="fractions of training (e.g. [0.25, 0.5, 0.75]) where a checkpoint is written and kept"
+    )
+
+    @model_validator(mode="after")
+    def _check_emergence(self) -> "ProbeConfig":
+        bad = [f for f in self.keep_checkpoints_at if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"keep_checkpoints_at takes fractions of training in (0, 1]; got {bad[0]}")
+        if self.adaptive and (not self.monitor or self.every < 2):
+            raise ValueError("adaptive probing refines the regular probes: it needs monitor: true and every >= 2")
+        if self.on_emergence != "continue" and not self.monitor:
+            raise ValueError(f"on_emergence {self.on_emergence!r} needs monitor: true")
+        return self
 
 
 class DinoConfig(Strict):

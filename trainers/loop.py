@@ -34,6 +34,7 @@ from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
 from trainers.config import TrainConfig, data_parallel_problem
 from trainers.data import build_training_data
 from trainers.data.base import Batch
+from trainers.emergence.watch import EmergenceWatch
 from trainers.objectives import build_objective
 from trainers.probes import names
 from trainers.schedule import warmup_cosine
@@ -77,6 +78,11 @@ class Trainer:
         self.objective = build_objective(cfg, self.data, self.device)
         self.objective.share = (rank, world_size)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
+        # Watches the probes for the emergence of artifacts (rank 0 measures; trainers/emergence/watch.py).
+        self.watch = EmergenceWatch(
+            cfg, lambda: self.objective.probe_model, lambda: self.data.probe_batch(cfg.probe.batch_size).images,
+            rank=rank, world_size=world_size, device=self.device,
+        )
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if world_size > 1:
@@ -161,7 +167,7 @@ class Trainer:
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         losses_in_window = 0
         metrics: dict[str, float] = {}
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not self.watch.stopped:  # stopped: on emergence (probe.on_emergence)
             batch = next(batches)
             loss = self.train_step(batch)
             # Remember the first non-finite step on the device; checked at the next log point.
@@ -194,14 +200,19 @@ class Trainer:
                 )
                 loss_sum.zero_()
                 losses_in_window = 0
-            if self._due(cfg.probe.every, done and cfg.probe.at_end) and self.rank == 0:
+            probe_due = self._due(cfg.probe.every, done and cfg.probe.at_end)
+            if probe_due and self.rank == 0:
                 self.probe(tracker, final=done)
+            # Adaptive probes and weight snapshots; a checkpoint at a kept fraction or on emergence.
+            watch = self.watch.after_step(self.step, tracker, done=done, probed=probe_due)
             evaluate = self._due(cfg.eval_every, done)
             if evaluate and self.rank == 0:
                 metrics = self.evaluate()
                 tracker.log_metrics(metrics, self.step)
-            if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done)):
-                on_checkpoint(self.step, metrics)
+            if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done) or watch.checkpoint):
+                on_checkpoint(self.step, {**metrics, **self.watch.report_values()})
+            if watch.stop:
+                break
         return metrics
 
     def _due(self, every: int, at_end: bool) -> bool:
@@ -227,6 +238,7 @@ class Trainer:
         tracker.log_metrics(report.scalars, self.step)  # includes probe/seconds
         if report.files:
             tracker.log_files(report.files, names.artifact_dir(self.step))
+        self.watch.regular_probe(self.step, report.scalars, tracker)
         return report.seconds
 
     # ------------------------------------------------------------ checkpoints
@@ -240,6 +252,7 @@ class Trainer:
             # Teacher, heads, centres, text tower, temperature: tensors and numbers only.
             "objective": self.objective.state_dict(),
             "rng": rng_state(),  # tensors and plain values: the file loads with weights_only=True
+            "emergence": self.watch.state_dict(),  # the probes seen so far: a resumed watch goes on
             "config": self.cfg.model_dump(),
         }
 
@@ -248,6 +261,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
+        self.watch.load_state_dict(state.get("emergence", {}))
         self.step = int(state["step"])
         restore_rng_state(state["rng"])
 

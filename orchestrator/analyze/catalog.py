@@ -15,6 +15,7 @@ from orchestrator.stores.axes import (  # noqa: F401 (the analysis's names)
     AXIS_STEPS,
 )
 from trainers.config import MODEL_SIZES
+from trainers.emergence import keys as emergence_keys
 from trainers.probes import names
 
 # Tags written by the sweep driver on every child run (the MLflow layout contract).
@@ -28,6 +29,9 @@ SPEC_FILE_TAG = "sweep.spec_file"  # on the parent run: the spec file the launch
 # The class count of the data a trial trained on (chance = 1 / classes), tagged by the trainable.
 NUM_CLASSES_TAG = "data.num_classes"
 KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
+# The trial's emergence watch, tagged as it trains (trainers/emergence/keys.py).
+EMERGENCE_STATUS_TAG = emergence_keys.STATUS
+EMERGED_AT_STEP_TAG = emergence_keys.EMERGED_AT_STEP
 # Runs from before the objective axis trained supervised classifiers.
 DEFAULT_OBJECTIVE = "supervised"
 OBJECTIVE_ORDER = ("supervised", "dino", "clip")

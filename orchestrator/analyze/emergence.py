@@ -1,15 +1,22 @@
 """When and where artifact tokens emerge, from trials without registers, per objective and size.
 
-The signal is the fraction of patch tokens the scale-free detector flags as high-norm outliers
-(probe/outlier_frac/<location>), averaged over seeds. An emergence point is where that fraction
-crosses the threshold and stays above it: for all later probe steps (when), and for all deeper
-blocks at the last probe step (where). A fraction that rises and falls back is not an emergence.
+When: each trial's own emergence watch (trainers/emergence/) tags its run as it trains with
+`emergence.status` and, once artifacts have emerged, `emerged_at_step` (the first of K consecutive
+flagged probes, pinned to every/8 steps with adaptive probing). A setting's artifacts emerged when
+at least half of its watched seeds' did; its step is the median of theirs.
+
+Runs without those tags (older stores, probe.monitor off) fall back to the histories: the
+fraction of patch tokens the scale-free detector flags (probe/outlier_frac/<location>), averaged
+over seeds, crossing the analysis threshold and staying above it for all later probe steps.
+
+Where, for both: at the last probe step, the first block from which every deeper block's seed-mean
+outlier fraction is above the threshold. A fraction that rises and falls back is no emergence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +38,9 @@ class EmergencePoint:
     block: int | None  # first block from which (to the output) it stays above, at the last probe step
     final_output_frac: float | None  # at the last probe step
     objective: str = cat.DEFAULT_OBJECTIVE
+    source: str = "histories"  # 'tags': the trials' own emergence watch; 'histories': the analysis threshold
+    seeds_emerged: int | None = None  # tags only: how many of the watched seeds' artifacts emerged
+    seeds_watched: int | None = None
 
 
 def outlier_points(sweep: Sweep) -> pd.DataFrame:
@@ -83,8 +93,30 @@ def emergence_points(sweep: Sweep, threshold: float) -> list[EmergencePoint]:
         mine = (trials["objective"] == objective) & (trials["model_size"] == size) & (trials["steps"] == steps)
         n_seeds = int(trials[mine]["seed"].nunique())
         sel = (points["objective"] == objective) & (points["model_size"] == size) & (points["steps"] == steps)
-        result.append(_point(objective, size, steps, n_seeds, points[sel], threshold))
+        point = _point(objective, size, steps, n_seeds, points[sel], threshold)
+        result.append(_from_tags(point, trials[mine]))
     return result
+
+
+def _from_tags(point: EmergencePoint, trials: pd.DataFrame) -> EmergencePoint:
+    """The point with its 'when' read from the trials' emergence tags, if any of them watched."""
+    if "emergence_status" not in trials:
+        return point
+    watched = trials[trials["emergence_status"].notna()]
+    if watched.empty:
+        return point
+    steps = sorted(int(s) for s in watched["emerged_at_step"].dropna())
+    emerged = 2 * len(steps) >= len(watched)
+    step = int(np.median(steps)) if emerged else None
+    return replace(
+        point,
+        status="emerged" if emerged else "none",
+        step=step,
+        fraction=round(step / point.steps, 4) if step is not None else None,
+        source="tags",
+        seeds_emerged=len(steps),
+        seeds_watched=len(watched),
+    )
 
 
 def _point(objective: str, size: str, steps: int, n_seeds: int, group: pd.DataFrame, threshold: float) -> EmergencePoint:
@@ -155,6 +187,8 @@ def emergence_table(points: list[EmergencePoint]) -> pd.DataFrame:
                 "emergence_fraction": f"{p.fraction:g}" if p.fraction is not None else absent,
                 "emergence_block": p.block if p.block is not None else absent,
                 "final_output_outlier_frac": round(p.final_output_frac, 4) if p.final_output_frac is not None else np.nan,
+                "seeds_emerged": f"{p.seeds_emerged}/{p.seeds_watched}" if p.source == "tags" else "n/a",
+                "when_from": "trial tags" if p.source == "tags" else "probe histories",
             }
         )
     return pd.DataFrame(rows)

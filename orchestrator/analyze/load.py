@@ -42,6 +42,9 @@ class Trial:
     num_classes: int | None = None  # of the data it trained on; None when unknown
     launch_run_id: str = ""  # the parent run of the launch that ran the trial
     register_depth: int = 0  # the block before which the registers enter; 0 = at the input
+    # The trial's own emergence watch (trainers/emergence/keys.py tags): None when it did not watch.
+    emergence_status: str | None = None  # emerged | none | unconfirmed
+    emerged_at_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
                 run.run_id, trial_id, size, int(str(regs)), int(str(steps)), str(seed), run.artifact_uri, other,
                 objective=objective, num_classes=_num_classes(run), launch_run_id=run.tags.get(cat.PARENT_TAG, ""),
                 register_depth=int(str(depth)),
+                **_emergence(run),
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
@@ -277,6 +281,14 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)
     return [trial for _, trial in kept.values()], skipped, dropped
+
+
+def _emergence(run: _RawRun) -> dict[str, Any]:
+    step = run.tags.get(cat.EMERGED_AT_STEP_TAG)
+    return {
+        "emergence_status": run.tags.get(cat.EMERGENCE_STATUS_TAG),
+        "emerged_at_step": int(step) if step and step.isdigit() else None,
+    }
 
 
 def _num_classes(run: _RawRun) -> int | None:

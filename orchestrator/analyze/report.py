@@ -167,9 +167,12 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         "",
         "Per objective: each family (supervised, DINO self-distillation, CLIP) is mapped on its own.",
         "",
-        "Emergence step: the first probe step from which the output outlier fraction (mean over seeds) stays above "
-        f"{thr:g} for every later step. Emergence block: at the last probe step, the first block from which every "
-        "deeper block is above the threshold. `none`: it never does.",
+        "Emergence step, where the trials watched for it as they trained (`when_from`: trial tags): the median over "
+        "the seeds whose artifacts emerged of their `emerged_at_step`, the first of K consecutive flagged probes "
+        "(docs/probes.md, Emergence), when at least half of the seeds' did. Otherwise (probe histories): the first "
+        f"probe step from which the output outlier fraction (mean over seeds) stays above {thr:g} for every later "
+        "step. Emergence block: at the last probe step, the first block from which every deeper block is above the "
+        "threshold. `none`: it never does.",
         "",
         markdown_table(emergence) if not emergence.empty else "No trial without registers: nothing to map.",
         "",

@@ -1,10 +1,11 @@
-"""`python -m orchestrator.bench {trainer,data,overhead,store,startup} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,data,overhead,store,startup,emergence} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 data      per rank: images/s of one rank's input pipeline beside one worker's trainer: is a trial input-bound?
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
+emergence what the emergence watch and adaptive probing cost on a spec's trials (the quickstart's).
 
 With --json the last line of stdout is one JSON object with the figures.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -79,6 +81,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     startup = sub.add_parser("startup", help="Ray's start and MLflow's store, together against one after the other")
     startup.add_argument("--repeat", type=positive_int, default=5, help="pairs to measure, alternating which goes first")
     startup.add_argument("--json", action="store_true", help="end with one JSON line")
+    emergence = sub.add_parser("emergence", help="the emergence watch's and adaptive probing's overhead on a spec's trials")
+    emergence.add_argument("--spec", type=Path, default=None, help="sweep spec (default: sweeps/quickstart.yaml)")
+    emergence.add_argument(
+        "--trials", choices=("longest", "all"), default="longest",
+        help="longest: each size at the longest length with the fewest and most registers (default); all: every trial",
+    )
+    emergence.add_argument("--repeat", type=positive_int, default=1, help="rounds over the trials")
+    emergence.add_argument("--json", action="store_true", help="end with one JSON line")
     return parser.parse_args(argv)
 
 
@@ -118,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = run_startup_bench(args.repeat)
         print(format_startup_result(result))
+    elif args.bench == "emergence":
+        from orchestrator.bench.emergence import DEFAULT_SPEC, format_emergence_result, run_emergence_bench
+
+        result = run_emergence_bench(args.spec or DEFAULT_SPEC, args.trials, args.repeat)
+        print(format_emergence_result(result))
     elif args.bench == "store":
         from orchestrator.bench.store import format_store_result, measure_store
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 DESCRIPTION = "Probe pretrained ViTs for high-norm artifact tokens and compare them side by side (docs/probes.md)."
 EPILOG = """MODEL: a timm name with a pretrained tag (vit_small_patch14_dinov2.lvd142m), the same with a local
-weights file (vit_small_patch14_dinov2.lvd142m=/path/model.safetensors), or run:RUN_ID for the final
-checkpoint of a sweep trial. DATA: an image folder, an ImageFolder root, a .tar shard, s3://bucket/prefix,
+weights file (vit_small_patch14_dinov2.lvd142m=/path/model.safetensors), run:RUN_ID for the final
+checkpoint of a sweep trial, or run:RUN_ID@STEP for one it kept at that step. DATA: an image folder, an ImageFolder root, a .tar shard, s3://bucket/prefix,
 or 'shapes' (generated; the default for timm models; a trial uses its own data by default)."""
 
 

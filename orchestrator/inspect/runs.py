@@ -22,6 +22,8 @@ def run_tags(item: ResolvedModel, inspection: Inspection) -> dict[str, str]:
     }
     if item.kind == TRIAL:
         tags["inspect.trial_run"] = item.spec.name
+        if item.spec.step is not None:
+            tags["inspect.trial_step"] = str(item.spec.step)  # run:RUN_ID@STEP: a kept checkpoint, not the final one
     return tags
 
 

@@ -5,6 +5,8 @@
     vit_small_patch14_dinov2.lvd142m=PATH    the same architecture and config, weights from a local
                                              file (timm or original state dict, .safetensors/.pth/.bin/.npz)
     run:RUN_ID  (or a bare 32-hex run id)    the final checkpoint of one of our sweep's trials
+    run:RUN_ID@STEP                          the checkpoint that trial kept at training step STEP
+                                             (probe.keep_checkpoints_at, or either side of emergence)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from orchestrator.stores.trial_checkpoints import StoreError, trial_checkpoint
 from trainers.pretrained import WeightsError, check_architecture, hub_weights
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+AT_STEP = re.compile(r"^(?P<run>[^@]+)@(?P<step>\d+)$")
 HUB, FILE, TRIAL = "hub", "file", "trial"
 
 
@@ -30,6 +33,7 @@ class ModelSpec:
     kind: str  # HUB, FILE or TRIAL
     name: str  # timm name (HUB, FILE) or MLflow run id (TRIAL)
     path: Path | None = None  # FILE only
+    step: int | None = None  # TRIAL only: a kept checkpoint's step; None = the final checkpoint
 
 
 @dataclass
@@ -46,11 +50,16 @@ class ResolvedModel:
 
 def parse_model(text: str) -> ModelSpec:
     text = text.strip()
-    if text.startswith("run:") or RUN_ID.match(text):
-        run_id = text.removeprefix("run:")
+    if text.startswith("run:") or RUN_ID.match(text.partition("@")[0]):
+        run_id, step = text.removeprefix("run:"), None
+        if "@" in run_id:
+            found = AT_STEP.match(run_id)
+            if not found:
+                raise InspectError(f"{text}: a trial's checkpoint at a step is run:RUN_ID@STEP, STEP a number of training steps")
+            run_id, step = found.group("run"), int(found.group("step"))
         if not RUN_ID.match(run_id):
             raise InspectError(f"{text}: an MLflow run id is 32 hex digits")
-        return ModelSpec(text, TRIAL, run_id)
+        return ModelSpec(text, TRIAL, run_id, step=step)
     if "=" in text:
         name, _, path = text.partition("=")
         if not name or not path:
@@ -84,6 +93,6 @@ def _resolve(spec: ModelSpec, tracking_uri: str, cache: Path) -> ResolvedModel:
         if not spec.path.is_file():
             raise WeightsError(f"{spec.text}: no file at {spec.path}")
         return ResolvedModel(spec, spec.path, f"{spec.name} ({spec.path.name})")
-    path, tags = trial_checkpoint(tracking_uri, spec.name, cache)
+    path, tags = trial_checkpoint(tracking_uri, spec.name, cache, step=spec.step)
     name = tags.get("mlflow.runName") or spec.name[:8]
-    return ResolvedModel(spec, path, f"trial {name}", tags)
+    return ResolvedModel(spec, path, f"trial {name}" + (f" @ step {spec.step}" if spec.step is not None else ""), tags)

@@ -22,6 +22,7 @@ from typing import Any, Sequence, TextIO
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from orchestrator.launch import emergence_view
 from orchestrator.trials.records import RECORDS_KEY
 from trainers.probes import names
 
@@ -52,6 +53,7 @@ class TrialRow:
     train_loss: float | None
     val_top1: float | None
     steps_total: int
+    artifacts: str = "-"  # emergence_view.artifacts_cell of the last report
 
 
 class SweepConsole(Callback):
@@ -67,6 +69,7 @@ class SweepConsole(Callback):
         self._drawn_lines = 0
         self._train_loss: dict[str, float] = {}
         self._announced: set[str] = set()
+        self._alerted: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # A resumed launch unpickles this callback in a new process: keep only the layout.
@@ -100,6 +103,10 @@ class SweepConsole(Callback):
         for key, value, _, _ in getattr(records, "metrics", ()):
             if key == names.TRAIN_LOSS:
                 self._train_loss[trial.trial_id] = value
+        alert = emergence_view.alert_line(str(trial), result)
+        if alert and trial.trial_id not in self._alerted:
+            self._alerted.add(trial.trial_id)
+            self._say(alert)
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if self.live and time.monotonic() - self._last_draw >= REDRAW_SECONDS:
@@ -130,12 +137,27 @@ class SweepConsole(Callback):
         row = self._row(trial, status)
         axes = "  ".join(f"{axis_header(p)}={row.axes.get(p, '')}" for p in self.axis_paths)
         width = len(str(self.total_trials))
+        artifacts = emergence_view.emergence_words(trial.last_result or {})
         print(
-            f"[{done:>{width}}/{self.total_trials}] {STATUS_WORDS[status]:<6}  {axes}  "
-            f"val top-1 {_num(row.val_top1)}  train loss {_num(row.train_loss)}  ({self._timing(trials)})",
+            f"[{done:>{width}}/{self.total_trials}] {self._status_word(trial, status):<6}  {axes}  "
+            f"val top-1 {_num(row.val_top1)}  train loss {_num(row.train_loss)}  "
+            + (f"{artifacts}  " if artifacts else "") + f"({self._timing(trials)})",
             file=self.out,
             flush=True,
         )
+
+    def _status_word(self, trial: Trial, status: str) -> str:
+        if status == Trial.TERMINATED and emergence_view.stopped(trial.last_result or {}):
+            return "stopped"  # ended on emergence (probe.on_emergence: stop), before its full length
+        return STATUS_WORDS.get(status, status.lower())
+
+    def _say(self, line: str) -> None:
+        """One line above the live table (or in the log): the table is drawn again below it."""
+        if self.live and self._drawn_lines:
+            self.out.write(f"\x1b[{self._drawn_lines}F\x1b[J")
+            self._drawn_lines = 0
+            self._last_draw = 0.0  # redraw at the next step
+        print(line, file=self.out, flush=True)
 
     def _redraw(self, trials: list[Trial]) -> None:
         lines = self.render(trials)
@@ -156,16 +178,18 @@ class SweepConsole(Callback):
             (self._row(t, t.status) for t in trials),
             key=lambda r: (r.status != "RUNNING", r.status == "PENDING"),
         )
-        headers = [axis_header(p) for p in self.axis_paths] + ["status", "step", "train loss", "val top-1"]
+        headers = [axis_header(p) for p in self.axis_paths] + ["status", "step", "train loss", "val top-1", "artifacts"]
         body = [
             [str(r.axes.get(p, "")) for p in self.axis_paths]
             + [STATUS_WORDS.get(r.status, r.status.lower()), f"{r.step}/{r.steps_total}" if r.step else "-",
-               _num(r.train_loss), _num(r.val_top1)]
+               _num(r.train_loss), _num(r.val_top1), r.artifacts]
             for r in rows
         ]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)]
         table = [" ".join(cell.rjust(w) for cell, w in zip(headers, widths))]
         table += [" ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in body]
+        if any(r.artifacts != "-" for r in rows):
+            table.append(emergence_view.LEGEND)
         return [self._bar(trials), *table]
 
     def _bar(self, trials: list[Trial]) -> str:
@@ -213,6 +237,7 @@ class SweepConsole(Callback):
             train_loss=self._train_loss.get(trial.trial_id),
             val_top1=result.get(names.VAL_TOP1),
             steps_total=int(steps or 0),
+            artifacts=emergence_view.artifacts_cell(result),
         )
 
 

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ray import tune
 
-from orchestrator.launch.console import results_table
+from orchestrator.launch.console import _size_order, results_table
+from orchestrator.launch.emergence_view import emergence_row, emergence_table
 from orchestrator.launch.credentials import credentials_in_file
 from orchestrator.launch.record import Launch, launch_path, read_record
 from orchestrator.launch.tune_state import ensure_restorable
@@ -284,8 +285,21 @@ def run_sweep(
         len(results),
         results.num_errors,
         launch.resumed,
-        results_table([result_row(r.config, r.metrics) for r in results]),
+        results_table([result_row(r.config, r.metrics) for r in results]) + artifacts_table(results),
     )
+
+
+def artifacts_table(results: Any) -> list[str]:
+    """Whether and when artifacts emerged per setting (orchestrator/launch/emergence_view.py), after a blank line."""
+    from orchestrator.trials.trainable import trial_config
+
+    rows = []
+    for r in results:
+        probe = trial_config(r.config["train"], r.config["trial"]["axes"]).probe
+        size, steps, registers, _, depth = result_row(r.config, r.metrics)
+        rows.append(emergence_row(size, steps, registers, r.metrics, probe.monitor and probe.every > 0, depth))
+    table = emergence_table(rows, _size_order)
+    return ["", *table] if table else []
 
 
 def result_row(config: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, int, int, float | None, int]:

@@ -112,7 +112,9 @@ def build_tuner(
         axis_paths += [key for key in spec.search.space if key not in axis_paths]
     console = SweepConsole(axis_paths, num_samples)
     mlflow_logger = MlflowTrialLogger(context)
-    callbacks: list[tune.Callback] = [console, mlflow_logger, CheckpointPruner(keep=2), CSVLoggerCallback(), JsonLoggerCallback()]
+    # The pruner tags each checkpoint it keeps for good (milestones, around emergence) on the trial's run.
+    pruner = CheckpointPruner(keep=2, on_tags=mlflow_logger.tag_trial)
+    callbacks: list[tune.Callback] = [console, mlflow_logger, pruner, CSVLoggerCallback(), JsonLoggerCallback()]
     if ask_autoscaler:
         r = spec.resources
         callbacks.append(AutoscalerRequest(requester_id(name), worker_bundle(r), r.workers, num_samples, spec.max_concurrent))

@@ -20,6 +20,7 @@ from typing import Iterable
 from mlflow.tracking import MlflowClient
 
 from orchestrator.stores.axes import STUDY_AXES, axis_tag
+from trainers.emergence import keys as emergence
 from trainers.probes import names
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -27,15 +28,21 @@ VIEW_URL_PARAM = "viewStateShareKey"
 VIEW_KEY = "sweep-axes-metrics"  # one view per experiment (= per sweep), rewritten by each launch
 VIEW_NAME = "Sweep: axes and key metrics"
 KEY_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS, names.outlier_frac(names.OUTPUT), names.SEG_MIOU)
+# Whether and when artifacts emerged, and the last probe's outlier share and max/median norm
+# (trainers/emergence/keys.py): right after the axes.
+EMERGENCE_COLUMNS = (
+    *(f"tags.`{tag}`" for tag in (emergence.STATUS, emergence.EMERGED_AT_STEP, emergence.EMERGED_AT_FRACTION)),
+    *(f"metrics.`{key}`" for key in (emergence.OUTLIER_FRAC, emergence.MAX_OVER_MEDIAN)),
+)
 RUN_NAME_COLUMN = "attributes.`Run Name`"
 LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 
 def view_columns(swept: Iterable[str] = (), metrics: Iterable[str] = KEY_METRICS) -> list[str]:
-    """Column ids of the view: the study axes, any other swept config path, then the metrics."""
+    """Column ids of the view: the study axes, any other swept config path, emergence, then the metrics."""
     tags = list(STUDY_AXES.values())
     tags += [axis_tag(path) for path in swept if axis_tag(path) not in tags]
-    return [f"tags.`{tag}`" for tag in tags] + [f"metrics.`{metric}`" for metric in metrics]
+    return [f"tags.`{tag}`" for tag in tags] + list(EMERGENCE_COLUMNS) + [f"metrics.`{metric}`" for metric in metrics]
 
 
 def save_runs_view(client: MlflowClient, experiment_id: str, swept: Iterable[str] = ()) -> str:

@@ -152,6 +152,10 @@ class MlflowTrialLogger(Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.trial_run(trial)
 
+    def tag_trial(self, trial: Trial, tags: dict[str, str]) -> None:
+        """Tags another driver callback learned (the checkpoint pruner: the checkpoints it keeps for good)."""
+        self.trial_run(trial).set_tags(tags)
+
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         # Tune lets callbacks change the result in place before it keeps it as the trial's
         # last result: the records must not reach Tune's state, result.json or progress.csv.
