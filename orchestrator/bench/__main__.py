@@ -1,7 +1,8 @@
-"""`python -m orchestrator.bench {trainer,data,overhead,store,startup} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,data,memory,overhead,store,startup} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 data      images/s of the input pipeline alone beside images/s the trainer consumes: is a trial input-bound?
+memory    the plan's memory estimate against the bytes autograd saves and the step's peak, on the CPU.
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
@@ -57,6 +58,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
     data.add_argument("--json", action="store_true", help="end with one JSON line")
 
+    memory = sub.add_parser("memory", help="memory estimate against measured saved bytes and step peaks (CPU)")
+    memory.add_argument("--no-peak", action="store_true", help="saved bytes only (the step peaks take longer)")
+    memory.add_argument("--json", action="store_true", help="end with one JSON line")
+
     overhead = sub.add_parser("overhead", help="sweep wall time against bare trainings")
     overhead.add_argument("--trials", type=int, default=8, help="number of identical trainings")
     overhead.add_argument("--seconds", type=float, default=15.0, help="target length of one training")
@@ -111,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = run_data_bench(settings_d, device)
         print(format_data_result(result))
+    elif args.bench == "memory":
+        from orchestrator.bench.memory import format_memory_result, run_memory_bench
+
+        result = run_memory_bench(peak=not args.no_peak)
+        print(format_memory_result(result))
     elif args.bench == "startup":
         from orchestrator.bench.startup import format_startup_result, run_startup_bench
 
