@@ -22,6 +22,8 @@ def run_tags(item: ResolvedModel, inspection: Inspection) -> dict[str, str]:
     }
     if item.kind == TRIAL:
         tags["inspect.trial_run"] = item.spec.name
+    if inspection.weights_note:
+        tags["inspect.weights_note"] = inspection.weights_note[:5000]
     return tags
 
 
