@@ -1,8 +1,9 @@
-"""`python -m orchestrator.bench {trainer,data,memory,overhead,store,startup} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,data,memory,gpu,overhead,store,startup} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 data      images/s of the input pipeline alone beside images/s the trainer consumes: is a trial input-bound?
 memory    the plan's memory estimate against the bytes autograd saves and the step's peak, on the CPU.
+gpu       the acceptance run for a first GPU (8 minutes on one H100): trainer, input pipeline, objectives, DDP.
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
@@ -61,6 +62,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     memory = sub.add_parser("memory", help="memory estimate against measured saved bytes and step peaks (CPU)")
     memory.add_argument("--no-peak", action="store_true", help="saved bytes only (the step peaks take longer)")
     memory.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    gpu = sub.add_parser("gpu", help="acceptance run for a first GPU; a reduced form on the CPU")
+    gpu.add_argument("--device", help="cuda[:i] or cpu (default: cuda if there is one)")
+    gpu.add_argument("--reduced", action="store_true", default=None, help="tiny sizes and few steps (the default on a CPU)")
+    gpu.add_argument("--budget-s", type=float, help="total seconds for all parts (default 480; reduced: 300)")
+    gpu.add_argument("--ddp-backend", choices=("nccl", "gloo"), help="the 2-worker step's backend (default: nccl with 2+ GPUs, else skipped)")
+    gpu.add_argument("--json", action="store_true", help="end with one JSON line")
 
     overhead = sub.add_parser("overhead", help="sweep wall time against bare trainings")
     overhead.add_argument("--trials", type=int, default=8, help="number of identical trainings")
@@ -121,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = run_memory_bench(peak=not args.no_peak)
         print(format_memory_result(result))
+    elif args.bench == "gpu":
+        from orchestrator.bench.gpu import format_gpu_result, main_gpu
+
+        result = main_gpu(args.device, args.reduced, args.budget_s, args.ddp_backend)
+        print(format_gpu_result(result))
     elif args.bench == "startup":
         from orchestrator.bench.startup import format_startup_result, run_startup_bench
 
