@@ -70,6 +70,9 @@ def test_the_plain_loop_runs_without_tf32_even_after_the_trainer_turned_it_on(mo
     try:
         assert bench.baseline_throughput(cfg, cpu, 1, 1, batches) > 0
         assert seen and not any(seen)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ours, plain = bench.paired_throughput(cfg, cpu, 2, 1, batches, rounds=2)  # alternating blocks
+        assert ours > 0 and plain > 0 and len(seen) == 2 + 3 and not any(seen)
         assert torch.backends.cuda.matmul.allow_tf32  # the flags are put back afterwards
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved

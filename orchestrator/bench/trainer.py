@@ -3,7 +3,8 @@
 Both train the same timm ViT (trainers.model.build_model) on the same 'shapes' images,
 rendered once on the device before either clock starts and cycled (MATERIALISED_BATCHES
 batches): neither loop pays for its data, so the figures compare the training steps alone
-(`bench data` measures the input pipeline). Ours: Trainer.train_step (bf16 autocast, TF32 for
+(`bench data` measures the input pipeline). Both loops are built and warmed up first, then
+timed in alternating blocks, so that a shared machine's drift in speed favours neither. Ours: Trainer.train_step (bf16 autocast, TF32 for
 what stays fp32, and fused AdamW on CUDA; torch.compile with --compile). Plain: torch AdamW,
 fp32, eager, under PyTorch's default float32 settings (TF32 off for matmuls): the Trainer
 turns TF32 on process-wide, so each loop runs inside `float32_matmul` and the flags are put
@@ -30,7 +31,8 @@ from trainers.data.base import Batch
 from trainers.model import build_model
 
 NUM_CLASSES = 8
-MATERIALISED_BATCHES = 4  # the plain loop cycles over this many distinct batches
+MATERIALISED_BATCHES = 4  # both loops cycle over this many distinct batches
+ROUNDS = 3  # alternating timed blocks per loop
 
 
 @dataclass(frozen=True)
@@ -92,39 +94,29 @@ def prebuilt_batches(cfg: TrainConfig, device: torch.device, count: int = MATERI
     return [next(batches) for _ in range(count)]
 
 
-def _timed(step: Any, batches: Sequence[Batch], device: torch.device, steps: int, warmup: int) -> float:
-    """Seconds of `steps` calls of step(batch) after `warmup` untimed ones, cycling the batches."""
-    cycle = itertools.cycle(batches)
-    for _ in range(warmup):  # also pays for torch.compile and cuDNN/cuBLAS autotuning
-        step(next(cycle))
+def _timed(step: Any, batches: Iterator[Batch], device: torch.device, steps: int) -> float:
+    """Seconds of `steps` calls of step(batch), the device synchronised at both ends."""
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step(next(cycle))
+        step(next(batches))
     synchronize(device)
     return time.perf_counter() - start
 
 
-def trainer_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
-                       batches: Sequence[Batch] | None = None) -> float:
-    """Images/s of Trainer.train_step on prebuilt batches (the Trainer's own TF32 setting)."""
+def ours_step(cfg: TrainConfig, device: torch.device) -> Any:
+    """Trainer.train_step; building the Trainer turns TF32 on process-wide on CUDA, so it is built
+    inside float32_matmul and the flags are put back."""
     from trainers.loop import Trainer
 
-    batches = batches if batches is not None else prebuilt_batches(cfg, device)
     with float32_matmul(tf32=device.type == "cuda"):
-        trainer = Trainer(cfg, device)
-        seconds = _timed(trainer.train_step, batches, device, steps, warmup)
-    del trainer
-    _release(device)
-    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+        return Trainer(cfg, device).train_step
 
 
-def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
-                        batches: Sequence[Batch] | None = None) -> float:
-    """Images/s of the plain loop: timm model, torch AdamW, fp32, eager, PyTorch's default float32 settings."""
-    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+def plain_step(cfg: TrainConfig, device: torch.device) -> Any:
+    """One step of the plain loop: timm model, torch AdamW, fp32, eager."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, NUM_CLASSES).to(device)
+    model = build_model(cfg.model, NUM_CLASSES).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
     def step(batch: Batch) -> None:
@@ -133,10 +125,59 @@ def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warm
         loss.backward()
         optimizer.step()
 
-    model.train()
-    with float32_matmul(tf32=None):
-        seconds = _timed(step, batches, device, steps, warmup)
-    del model, optimizer
+    return step
+
+
+# Each loop under the float32 settings it stands for: ours with the Trainer's TF32, the plain one
+# with PyTorch's defaults (matmul TF32 off).
+OURS_TF32 = {"cuda": True}
+
+
+def paired_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                      batches: Sequence[Batch] | None = None, rounds: int = ROUNDS) -> tuple[float, float]:
+    """(ours, plain) images/s. Both loops are built and warmed up first, then timed in `rounds`
+    alternating blocks of steps / rounds each, so that a drift in a shared machine's speed falls
+    on both alike; each block runs under its loop's float32 settings."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    loops = {"ours": (ours_step(cfg, device), OURS_TF32.get(device.type, False)), "plain": (plain_step(cfg, device), None)}
+    cycles = {name: itertools.cycle(batches) for name in loops}
+    for name, (step, tf32) in loops.items():
+        with float32_matmul(tf32):
+            _timed(step, cycles[name], device, warmup)  # also pays for torch.compile and autotuning
+    seconds = dict.fromkeys(loops, 0.0)
+    blocks = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for block in (b for b in blocks if b):
+        for name, (step, tf32) in loops.items():
+            with float32_matmul(tf32):
+                seconds[name] += _timed(step, cycles[name], device, block)
+    del loops, cycles
+    _release(device)
+    images = steps * cfg.optim.batch_size
+    return _images_per_second(images, seconds["ours"]), _images_per_second(images, seconds["plain"])
+
+
+def trainer_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                       batches: Sequence[Batch] | None = None) -> float:
+    """Images/s of Trainer.train_step alone on prebuilt batches."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    step, cycle = ours_step(cfg, device), itertools.cycle(batches)
+    with float32_matmul(OURS_TF32.get(device.type, False)):
+        _timed(step, cycle, device, warmup)
+        seconds = _timed(step, cycle, device, steps)
+    del step
+    _release(device)
+    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+
+
+def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                        batches: Sequence[Batch] | None = None) -> float:
+    """Images/s of the plain loop alone, under PyTorch's default float32 settings."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    step, cycle = plain_step(cfg, device), itertools.cycle(batches)
+    with float32_matmul(None):
+        _timed(step, cycle, device, warmup)
+        seconds = _timed(step, cycle, device, steps)
+    del step
     _release(device)
     return _images_per_second(steps * cfg.optim.batch_size, seconds)
 
@@ -195,8 +236,7 @@ def run_trainer_bench(settings: TrainerBenchSettings, device: torch.device | Non
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     batches = prebuilt_batches(cfg, device)  # the same images for both loops
-    ours = trainer_throughput(cfg, device, settings.steps, settings.warmup, batches)
-    plain = baseline_throughput(cfg, device, settings.steps, settings.warmup, batches)
+    ours, plain = paired_throughput(cfg, device, settings.steps, settings.warmup, batches)
     del batches
     flops = train_flops_per_image(cfg.model, NUM_CLASSES)
     peak = peak_flops(device)
@@ -207,6 +247,7 @@ def run_trainer_bench(settings: TrainerBenchSettings, device: torch.device | Non
         # What each loop ran under: the figures compare steps on the same prebuilt device batches.
         "fairness": {
             "data": f"{MATERIALISED_BATCHES} batches prebuilt on the device, cycled by both loops",
+            "timing": f"{ROUNDS} alternating blocks per loop after both warmed up",
             "ours_float32": "TF32" if device.type == "cuda" else "fp32",
             "baseline_float32": "PyTorch defaults (matmul TF32 off)",
         },
