@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gpu = sub.add_parser("gpu", help="acceptance run for a first GPU; a reduced form on the CPU")
     gpu.add_argument("--device", help="cuda[:i] or cpu (default: cuda if there is one)")
     gpu.add_argument("--reduced", action="store_true", default=None, help="tiny sizes and few steps (the default on a CPU)")
-    gpu.add_argument("--budget-s", type=float, help="total seconds for all parts (default 480; reduced: 300)")
+    gpu.add_argument("--budget-s", type=float, help="total seconds for all parts (default 480; reduced: 420, a ceiling for busy CI machines)")
     gpu.add_argument("--ddp-backend", choices=("nccl", "gloo"), help="the 2-worker step's backend (default: nccl with 2+ GPUs, else skipped)")
     gpu.add_argument("--json", action="store_true", help="end with one JSON line")
 

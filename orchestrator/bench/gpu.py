@@ -134,7 +134,7 @@ def format_gpu_result(r: dict[str, Any]) -> str:
 def settings_for(device: torch.device, reduced: bool | None, budget_s: float | None) -> GpuBenchSettings:
     use_reduced = reduced if reduced is not None else device.type != "cuda"
     if use_reduced:
-        return GpuBenchSettings.reduced_form(budget_s or 300.0)
+        return GpuBenchSettings.reduced_form(budget_s or 420.0)
     settings = GpuBenchSettings.full()
     return settings if budget_s is None else GpuBenchSettings(**{**asdict(settings), "budget_s": budget_s})
 

@@ -68,7 +68,7 @@ class GpuBenchSettings:
         )
 
     @classmethod
-    def reduced_form(cls, budget_s: float = 300.0) -> "GpuBenchSettings":
+    def reduced_form(cls, budget_s: float = 420.0) -> "GpuBenchSettings":
         """Every part at tiny sizes and a few steps: the CPU run in CI, so that the command cannot rot."""
         return cls(
             reduced=True, sizes=("micro", "mini"), img=32, patch=4, registers=(0, 16), batch=8, steps=2, warmup=1,
