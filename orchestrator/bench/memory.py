@@ -119,20 +119,18 @@ def _augment_without_autocast(objective: Any) -> None:
 
 
 def _objective(cfg: TrainConfig) -> tuple[Any, Any]:
-    from trainers.data import build_data
-    from trainers.objectives import build_objective
+    """The objective and one training batch, built by the Trainer itself (its data source, its
+    grad checkpointing), so that the measurement follows whatever the Trainer builds."""
+    from trainers.loop import Trainer
 
-    cpu = torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    augment = cfg.objective != "dino" and not cfg.augment.three_augment  # as trainers/loop.py builds it
-    data = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=cpu, augment=augment)
-    objective = build_objective(cfg, data, cpu)
+    trainer = Trainer(cfg.model_copy(update={"precision": "fp32"}), torch.device("cpu"))  # measure() sets autocast
+    objective = trainer.objective
     if cfg.grad_checkpointing:
-        objective.model.set_grad_checkpointing(True)  # what Trainer does
         emulate_block_checkpointing(objective)
     _augment_without_autocast(objective)
     per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
-    return objective, next(data.train_batches(0, per_step))
+    return objective, next(trainer.data.train_batches(0, per_step))
 
 
 def measure(cfg: TrainConfig, bf16: bool) -> Measurement:
