@@ -20,6 +20,7 @@ from orchestrator.bench.overhead import (
 )
 from orchestrator.bench.timeline import median_step_s, slot_gaps
 from orchestrator.spec.schema import parse_spec
+from trainers.cost import GPU_MEMORY_GB, match_gpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,36 @@ def test_trainer_bench_reports_both_loops_and_skips_packing_on_cpu() -> None:
     assert result["mfu"] is None and result["device"].startswith("cpu")
     assert result["config"]["size"] == "micro" and result["config"]["batch"] == 8
     assert "skipped" in result["packing"]
+
+
+def test_the_plain_loop_runs_without_tf32_even_after_the_trainer_turned_it_on(monkeypatch) -> None:
+    """The Trainer sets TF32 process-wide on a GPU; the fp32 baseline must not inherit it."""
+    from orchestrator.bench import trainer as bench
+
+    seen: list[bool] = []
+    real_build = bench.build_model
+
+    def spying_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.matmul.allow_tf32))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", spying_build)
+    settings = bench.TrainerBenchSettings(size="micro", img=16, patch=4, registers=0, batch=4, steps=1, warmup=1)
+    cfg = bench.train_config(settings)
+    cpu = torch.device("cpu")
+    batches = bench.prebuilt_batches(cfg, cpu)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as Trainer(cfg, cuda) leaves it
+    try:
+        assert bench.baseline_throughput(cfg, cpu, 1, 1, batches) > 0
+        assert seen and not any(seen)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ours, plain = bench.paired_throughput(cfg, cpu, 2, 1, batches, rounds=2)  # alternating blocks
+        assert ours > 0 and plain > 0 and len(seen) == 2 + 3 and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32  # the flags are put back afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.slow
@@ -123,13 +154,18 @@ def test_training_pace_is_the_median_window() -> None:
 def test_peak_table_prefers_specific_names(monkeypatch) -> None:
     cuda = torch.device("cuda")
     for name, tflops in [
-        ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-40GB", 312),
-        ("NVIDIA A10G", 125), ("NVIDIA L4", 121), ("NVIDIA L40S", 362), ("Some Future GPU", None),
+        ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-40GB", 312),
+        ("NVIDIA A10G", 125), ("NVIDIA A10", 125), ("NVIDIA L4", 121), ("NVIDIA L40S", 362),
+        ("NVIDIA L40", None), ("Some Future GPU", None),
     ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         peak = devices.peak_flops(cuda)
         assert (peak is None if tflops is None else peak == tflops * 1e12), name
     assert devices.peak_flops(torch.device("cpu")) is None
+    # The memory table follows the same names: the NVL is a 94 GB part, the A100 80GB its own row.
+    assert GPU_MEMORY_GB[match_gpu_name("NVIDIA H100 NVL")] == 94
+    assert match_gpu_name("NVIDIA A100-SXM4-80GB") == "A100 80GB" and GPU_MEMORY_GB["A100"] == 40
     assert devices.mfu(1e9, 100.0, 1e12) == pytest.approx(0.1)
     assert devices.mfu(1e9, 100.0, None) is None
 

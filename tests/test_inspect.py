@@ -76,6 +76,49 @@ def test_a_plain_state_dict_with_registers_at_another_size(weights):
         load_timm(TINY, weights["reg"])  # the wrong architecture's weights: one line, not a traceback
 
 
+def test_a_head_of_another_size_loads_with_its_head_and_a_note(tmp_path):
+    """A file fine-tuned on 10 classes (or saved without a head) loads exactly: the probes do not use the head."""
+    torch.manual_seed(0)
+    ten = timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict()
+    torch.save(ten, tmp_path / "ten.pth")
+    loaded = load_timm("vit_tiny_patch16_224", tmp_path / "ten.pth")
+    assert loaded.model.num_classes == 10 and "10-class classifier head" in loaded.note
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in ten.items())
+    headless = timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict()
+    save_file(headless, tmp_path / "headless.safetensors")
+    loaded = load_timm("vit_tiny_patch16_224", tmp_path / "headless.safetensors")
+    assert loaded.model.num_classes == 0 and "no classifier head" in loaded.note
+    same = load_timm(TINY, tmp_path / "ten.pth").note, load_timm("vit_tiny_patch16_224", tmp_path / "ten.pth").note
+    assert all(same)
+
+
+def test_a_file_that_does_not_load_says_why_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """torch's error puts its reasons below a header line; the one line shown keeps them."""
+    monkeypatch.chdir(tmp_path)
+    state = timm.create_model("vit_tiny_patch16_224").state_dict()
+    state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    torch.save(state, tmp_path / "broken.pth")
+    assert main(["vit_tiny_patch16_224=broken.pth", "--images", "4", "--search-images", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "Error(s) in loading state_dict for VisionTransformer: size mismatch for blocks.0.attn.qkv.weight" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]  # no MLflow store, no report
+
+
+def test_inspect_a_ten_class_file_end_to_end(tmp_path, monkeypatch, capsys):
+    """The issue's reproduction: `python -m orchestrator.inspect vit_tiny_patch16_224=FILE` on a 10-class file."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict(), tmp_path / "ten.pth")
+    code = main(["vit_tiny_patch16_224=ten.pth", "--img-size", "112", "--images", "4", "--search-images", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    notes = [line for line in out.splitlines() if "10-class classifier head" in line]
+    assert len(notes) == 1 and "built with num_classes=10" in notes[0]
+    run = next(r for r in store_runs(f"sqlite:///{tmp_path / 'mlflow.db'}") if r.data.tags["sweep.role"] == "inspection")
+    assert "10-class" in run.data.tags["inspect.weights_note"]
+    assert "10-class classifier head" in (tmp_path / "inspect_out" / "report.md").read_text()
+
+
 def test_inspect_two_local_models_one_run_each_and_a_report(weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -6,6 +6,9 @@ that would add seconds to every launch, so the formulas live here, apart from th
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from trainers.config import ClipConfig, DinoConfig, ModelConfig, TrainConfig
 
 
@@ -76,13 +79,53 @@ def objective_train_flops_per_image(cfg: TrainConfig, num_classes: int) -> int:
 
 # ----------------------------------------------------------------------------- time and money
 
-# bf16 dense tensor-core peak per GPU in TFLOP/s, from the vendor's data sheets, without the
-# 2:4-sparsity doubling they headline: H100 SXM 1979 sparse -> 989 (H200 has the same tensor
-# cores), A100 312, L4 242 sparse -> 121, A10 250 sparse -> 125 (AWS's A10G is an A10 variant;
-# NVIDIA publishes no separate sheet, so its real clocks may give less: lower mfu if measured).
-GPU_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
-# USD per GPU-hour: rough on-demand cloud list prices, a default only; set cost.usd_per_gpu_hour.
-GPU_USD_PER_HOUR: dict[str, float] = {"H100": 4.0, "H200": 5.0, "A100": 2.5, "L4": 0.8, "A10G": 1.0}
+@dataclass(frozen=True)
+class GpuType:
+    peak_tflops: float  # bf16 dense tensor-core peak
+    memory_gb: float  # device memory as sold (GB = 1e9 bytes)
+    usd_per_hour: float  # rough on-demand cloud list price: a default only; set cost.usd_per_gpu_hour
+
+
+# From the vendors' data sheets, without the 2:4-sparsity doubling they headline: H100 SXM 1979
+# sparse -> 989 (H200 has the same tensor cores), H100 NVL 1671 -> 835 (94 GB), H100 PCIe 1513
+# -> 756, H200 NVL 1671 -> 835, A100 312, L40S 733 -> 362, L4 242 -> 121, A10 250 -> 125 (AWS's
+# A10G is an A10 variant; NVIDIA publishes no separate sheet, so its real clocks may give less:
+# lower mfu if measured). "A100" is the 40 GB part (AWS p4d, GCP a2-highgpu), the safe side for
+# the memory check; "A100 80GB" is the p4de / a2-ultragpu part.
+GPU_TYPES: dict[str, GpuType] = {
+    "H100": GpuType(989.0, 80, 4.0),
+    "H100 NVL": GpuType(835.0, 94, 4.0),
+    "H100 PCIe": GpuType(756.0, 80, 3.5),
+    "H200": GpuType(989.0, 141, 5.0),
+    "H200 NVL": GpuType(835.0, 141, 5.0),
+    "A100": GpuType(312.0, 40, 2.5),
+    "A100 80GB": GpuType(312.0, 80, 3.0),
+    "L40S": GpuType(362.0, 48, 1.9),
+    "L4": GpuType(121.0, 24, 0.8),
+    "A10G": GpuType(125.0, 24, 1.0),
+    "A10": GpuType(125.0, 24, 1.0),
+}
+GPU_PEAK_TFLOPS: dict[str, float] = {name: gpu.peak_tflops for name, gpu in GPU_TYPES.items()}
+GPU_USD_PER_HOUR: dict[str, float] = {name: gpu.usd_per_hour for name, gpu in GPU_TYPES.items()}
+GPU_MEMORY_GB: dict[str, float] = {name: gpu.memory_gb for name, gpu in GPU_TYPES.items()}
+
+
+def match_gpu_name(device_name: str) -> str | None:
+    """The table's GPU type for a device name such as torch.cuda.get_device_name() gives
+    ('NVIDIA H100 NVL' -> 'H100 NVL', 'NVIDIA A100-SXM4-40GB' -> 'A100'), or None.
+
+    A type matches when its words occur in the name as whole words (so 'L4' is not 'L40S'
+    and 'A10' is not 'A100'); of several matches the longest name wins ('H100 NVL' over 'H100')."""
+    matches = [
+        name for name in GPU_TYPES
+        if re.search(r"(?<![A-Za-z0-9])" + r"[\s_-]+".join(map(re.escape, name.split())) + r"(?![A-Za-z0-9])", device_name, re.I)
+    ]
+    # 'A100 80GB' is the 40 GB row's 80 GB part: its name as the driver spells it ('A100-SXM4-80GB').
+    if "A100" in matches and re.search(r"80\s*GB", device_name, re.I):
+        matches.append("A100 80GB")
+    return max(matches, key=len, default=None)
+
+
 DEFAULT_GPU = "H100"
 # Model FLOPs utilisation the FLOPs estimate assumes where nothing is measured (DESIGN.md: 30-40%
 # is what ViT training reaches with bf16 and fused attention).

@@ -49,6 +49,7 @@ class PretrainedModel:
     mean: tuple[float, float, float]  # input normalisation the weights expect
     std: tuple[float, float, float]
     img_size: int
+    note: str = ""  # one line on what was adapted to load the file (its classifier head), else empty
 
     @property
     def num_registers(self) -> int:
@@ -158,30 +159,97 @@ def _from_url(name: str, url: str) -> Path:
     return target
 
 
+def error_summary(exc: BaseException, details: int = 2, limit: int = 600) -> str:
+    """An exception's message on one line with its useful part: torch's load_state_dict error is
+    a header line ('Error(s) in loading state_dict for VisionTransformer:') and the reasons on the
+    lines below it, so the header alone says nothing. The header, the first `details` reasons,
+    and how many more there are."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return exc.__class__.__name__
+    text = "; ".join([lines[0].rstrip(":") + (":" if len(lines) > 1 else ""), *lines[1 : 1 + details]]).replace(":;", ":")
+    if len(lines) > 1 + details:
+        text += f" (and {len(lines) - 1 - details} more)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _timm_state_dict_shapes(weights: Path) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes of a timm-layout state dict file (safetensors, or a torch file holding
+    tensors only, perhaps under 'state_dict' or 'model'), without loading the tensors; None for
+    other formats or a file that cannot be read this way (timm's own loader then says why)."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        if weights.suffix == ".npz":
+            return None
+        state = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is timm's to report
+        return None
+    if isinstance(state, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        return None
+    return {key.removeprefix("module."): tuple(v.shape) for key, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def head_adaptation(name: str, weights: Path) -> tuple[int, str] | None:
+    """(num_classes, why) when the file's classifier head differs from the one timm's config for
+    `name` builds: its class count, or 0 when the file has no head. None when they agree or the
+    file is not a timm-layout state dict (an original DINOv2 or OpenCLIP layout: timm's filter reads it)."""
+    from timm.models import get_pretrained_cfg
+
+    shapes = _timm_state_dict_shapes(weights)
+    if not shapes or not any(key.startswith("blocks.") for key in shapes):
+        return None
+    cfg = get_pretrained_cfg(name)
+    default = int(cfg.num_classes) if cfg is not None and cfg.num_classes is not None else 1000
+    head = shapes.get("head.weight")
+    classes = int(head[0]) if head else 0
+    if classes == default:
+        return None
+    what = f"a {classes}-class classifier head" if classes else "no classifier head"
+    built = f"built with num_classes={classes}" if classes else "built without a head"
+    return classes, f"{weights.name} has {what}, not the {default} classes of timm's {name}: {built} (the probes read the blocks, not the head)"
+
+
 def load_timm(name: str, weights: Path, *, img_size: int | None = None, device: torch.device | str = "cpu") -> PretrainedModel:
     """Build timm model `name` (architecture, optional pretrained tag) with the weights in the
     local file `weights` (timm or original state dict, .safetensors, .pth/.bin, or big_vision .npz),
     through the same create_model call a hub name takes. img_size: another input size
-    (position embeddings are resampled by timm's checkpoint filter)."""
+    (position embeddings are resampled by timm's checkpoint filter). A file whose classifier
+    head has another class count (fine-tuned on another data set), or none, loads with the head
+    it has: the probes do not use it. PretrainedModel.note says so."""
     import timm
 
     check_architecture(name)
     weights = Path(weights)
     if not weights.is_file():
         raise WeightsError(f"{name}: no weights file at {weights}")
-    overlay = {"file": str(weights), "custom_load": weights.suffix == ".npz"}  # .npz: big_vision's loader
-    kwargs = {"img_size": img_size} if img_size else {}
+    overlay: dict[str, Any] = {"file": str(weights), "custom_load": weights.suffix == ".npz"}  # .npz: big_vision's loader
+    kwargs: dict[str, Any] = {"img_size": img_size} if img_size else {}
+    note = ""
+    adapted = head_adaptation(name, weights)
+    if adapted is not None:
+        # The same class count in the model and its pretrained config: timm then loads strictly,
+        # the file's head included (with different counts it would drop the head and load loosely).
+        classes, note = adapted
+        overlay["num_classes"] = kwargs["num_classes"] = classes
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise WeightsError(f"{name}: cannot load {weights}: {first[:300]}") from exc
+        raise WeightsError(f"{name}: cannot load {weights}: {error_summary(exc)}") from exc
     if not isinstance(model, VisionTransformer):
         raise WeightsError(f"{name}: the probes need a timm VisionTransformer, got {type(model).__name__}")
     cfg = model.pretrained_cfg
     size = img_size or int(cfg["input_size"][-1])
     return PretrainedModel(
-        model.eval().to(device), name, weights, tuple(cfg["mean"]), tuple(cfg["std"]), size  # type: ignore[arg-type]
+        model.eval().to(device), name, weights, tuple(cfg["mean"]), tuple(cfg["std"]), size, note  # type: ignore[arg-type]
     )
 
 

@@ -1,7 +1,9 @@
-"""`python -m orchestrator.bench {trainer,data,overhead,store,startup,emergence} [--json] [options]`
+"""`python -m orchestrator.bench {trainer,data,memory,gpu,overhead,store,startup,emergence} [--json] [options]`
 
 trainer   images/s of our Trainer and of a plain PyTorch loop on the same ViT, the speedup, MFU on a GPU.
 data      per rank: images/s of one rank's input pipeline beside one worker's trainer: is a trial input-bound?
+memory    the plan's memory estimate against the bytes autograd saves and the step's peak, on the CPU.
+gpu       the acceptance run for a first GPU (8 minutes on one H100): trainer, input pipeline, objectives, DDP.
 overhead  wall time of N trainings through `orchestrator.sweep` against the same trainings in a bare pool.
 store     for a finished sweep in MLflow: the probes' share of trial time and what each trial stores.
 startup   what opening MLflow beside Ray's start saves per launch, against one after the other.
@@ -60,6 +62,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data.add_argument("--spec", help="sweep spec: its first trial's model, objective, recipe, global batch and workers")
     data.add_argument("--device", help="cpu or cuda[:i] (default: cuda if there is one)")
     data.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    memory = sub.add_parser("memory", help="memory estimate against measured saved bytes and step peaks (CPU)")
+    memory.add_argument("--no-peak", action="store_true", help="saved bytes only (the step peaks take longer)")
+    memory.add_argument("--json", action="store_true", help="end with one JSON line")
+
+    gpu = sub.add_parser("gpu", help="acceptance run for a first GPU; a reduced form on the CPU")
+    gpu.add_argument("--device", help="cuda[:i] or cpu (default: cuda if there is one)")
+    gpu.add_argument("--reduced", action="store_true", default=None, help="tiny sizes and few steps (the default on a CPU)")
+    gpu.add_argument("--budget-s", type=float, help="total seconds for all parts (default 480; reduced: 420, a ceiling for busy CI machines)")
+    gpu.add_argument("--ddp-backend", choices=("nccl", "gloo"), help="the 2-worker step's backend (default: nccl with 2+ GPUs, else skipped)")
+    gpu.add_argument("--json", action="store_true", help="end with one JSON line")
 
     overhead = sub.add_parser("overhead", help="sweep wall time against bare trainings")
     overhead.add_argument("--trials", type=int, default=8, help="number of identical trainings")
@@ -123,6 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = run_data_bench(settings_d, device)
         print(format_data_result(result))
+    elif args.bench == "memory":
+        from orchestrator.bench.memory import format_memory_result, run_memory_bench
+
+        result = run_memory_bench(peak=not args.no_peak)
+        print(format_memory_result(result))
+    elif args.bench == "gpu":
+        from orchestrator.bench.gpu import format_gpu_result, main_gpu
+
+        result = main_gpu(args.device, args.reduced, args.budget_s, args.ddp_backend)
+        print(format_gpu_result(result))
     elif args.bench == "startup":
         from orchestrator.bench.startup import format_startup_result, run_startup_bench
 

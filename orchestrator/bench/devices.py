@@ -7,19 +7,7 @@ import platform
 
 import torch
 
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity). Matched by
-# substring of torch.cuda.get_device_name() in this order, so that the more specific
-# names win ('H100 PCIe' before 'H100', 'A100' and 'A10G' before 'A10', 'L40S' before 'L4').
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10G", 125.0),
-    ("A10", 125.0),
-)
+from trainers.cost import GPU_PEAK_TFLOPS, match_gpu_name
 
 
 def bench_device(requested: str | None = None) -> torch.device:
@@ -35,14 +23,11 @@ def device_name(device: torch.device) -> str:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak in FLOP/s, or None on a CPU or an unknown GPU."""
+    """Dense bf16 peak in FLOP/s, or None on a CPU or an unknown GPU (the table is trainers/cost.py's)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    gpu = match_gpu_name(torch.cuda.get_device_name(device))
+    return None if gpu is None else GPU_PEAK_TFLOPS[gpu] * 1e12
 
 
 def synchronize(device: torch.device) -> None:

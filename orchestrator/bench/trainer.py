@@ -1,19 +1,25 @@
 """Trainer throughput: our Trainer against a plain PyTorch loop on the same model and data.
 
-Both train the same timm ViT (trainers.model.build_model) on the same 'shapes' images.
-Ours: Trainer.train_step on batches rendered on the device (bf16 autocast and fused AdamW
-on CUDA, torch.compile with --compile). Plain: torch AdamW, fp32, eager, the images
-materialised once as a TensorDataset behind a DataLoader and copied to the device per
-step. Warmup steps are excluded, and CUDA is synchronised before every clock read.
+Both train the same timm ViT (trainers.model.build_model) on the same 'shapes' images,
+rendered once on the device before either clock starts and cycled (MATERIALISED_BATCHES
+batches): neither loop pays for its data, so the figures compare the training steps alone
+(`bench data` measures the input pipeline). Both loops are built and warmed up first, then
+timed in alternating blocks, so that a shared machine's drift in speed favours neither. Ours: Trainer.train_step (bf16 autocast, TF32 for
+what stays fp32, and fused AdamW on CUDA; torch.compile with --compile). Plain: torch AdamW,
+fp32, eager, under PyTorch's default float32 settings (TF32 off for matmuls): the Trainer
+turns TF32 on process-wide, so each loop runs inside `float32_matmul` and the flags are put
+back after it. Warmup steps are excluded, and CUDA is synchronised before every clock read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +27,12 @@ import torch.nn.functional as F
 from orchestrator.bench.devices import bench_device, device_name, mfu, peak_flops, synchronize
 from trainers.config import DataConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from trainers.cost import train_flops_per_image
+from trainers.data.base import Batch
 from trainers.model import build_model
 
 NUM_CLASSES = 8
-MATERIALISED_BATCHES = 4  # the plain loop cycles over this many distinct batches
+MATERIALISED_BATCHES = 4  # both loops cycle over this many distinct batches
+ROUNDS = 3  # alternating timed blocks per loop
 
 
 @dataclass(frozen=True)
@@ -64,64 +72,112 @@ def _images_per_second(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else float("nan")
 
 
-def trainer_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of Trainer.train_step, batches rendered on the device as in Trainer.fit."""
-    from trainers.loop import Trainer
+@contextlib.contextmanager
+def float32_matmul(tf32: bool | None) -> Iterator[None]:
+    """Run the block with TF32 matmuls on (True) or with PyTorch's defaults (None: matmul TF32
+    off, cuDNN TF32 on), and put the process-wide flags back afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = True if tf32 is None else tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    trainer = Trainer(cfg, device)
-    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
-    for _ in range(warmup):  # also pays for torch.compile and cuDNN/cuBLAS autotuning
-        trainer.train_step(next(batches))
+
+def prebuilt_batches(cfg: TrainConfig, device: torch.device, count: int = MATERIALISED_BATCHES) -> list[Batch]:
+    """`count` training batches of the 'shapes' data, rendered on `device` before any clock starts."""
+    from trainers.data import build_data
+
+    source = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=device)
+    batches = source.train_batches(0, cfg.optim.batch_size)
+    return [next(batches) for _ in range(count)]
+
+
+def _timed(step: Any, batches: Iterator[Batch], device: torch.device, steps: int) -> float:
+    """Seconds of `steps` calls of step(batch), the device synchronised at both ends."""
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(next(batches))
+        step(next(batches))
     synchronize(device)
-    seconds = time.perf_counter() - start
-    del trainer, batches
-    _release(device)
-    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+    return time.perf_counter() - start
 
 
-def materialise(cfg: TrainConfig, count: int) -> torch.utils.data.TensorDataset:
-    """`count` training images of the same 'shapes' data, rendered once on the CPU."""
-    from trainers.data import build_data
+def ours_step(cfg: TrainConfig, device: torch.device) -> Any:
+    """Trainer.train_step; building the Trainer turns TF32 on process-wide on CUDA, so it is built
+    inside float32_matmul and the flags are put back."""
+    from trainers.loop import Trainer
 
-    source = build_data(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed, device=torch.device("cpu"))
-    batches = source.train_batches(0, cfg.optim.batch_size)
-    parts = [next(batches) for _ in range(max(1, count // cfg.optim.batch_size))]
-    return torch.utils.data.TensorDataset(torch.cat([b.images for b in parts]), torch.cat([b.labels for b in parts]))
+    with float32_matmul(tf32=device.type == "cuda"):
+        return Trainer(cfg, device).train_step
 
 
-def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of the plain loop: timm model, torch AdamW, fp32, eager, DataLoader."""
+def plain_step(cfg: TrainConfig, device: torch.device) -> Any:
+    """One step of the plain loop: timm model, torch AdamW, fp32, eager."""
     torch.manual_seed(cfg.seed)
-    dataset = materialise(cfg, cfg.optim.batch_size * MATERIALISED_BATCHES)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True)
-    model = build_model(cfg.model, NUM_CLASSES).to(device)
+    model = build_model(cfg.model, NUM_CLASSES).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
-    def forever() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from loader
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+    def step(batch: Batch) -> None:
+        loss = F.cross_entropy(model(batch.images), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    model.train()
-    data = forever()
-    for _ in range(warmup):
-        step(*next(data))
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(*next(data))
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    del model, optimizer, data, loader, dataset
+    return step
+
+
+# Each loop under the float32 settings it stands for: ours with the Trainer's TF32, the plain one
+# with PyTorch's defaults (matmul TF32 off).
+OURS_TF32 = {"cuda": True}
+
+
+def paired_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                      batches: Sequence[Batch] | None = None, rounds: int = ROUNDS) -> tuple[float, float]:
+    """(ours, plain) images/s. Both loops are built and warmed up first, then timed in `rounds`
+    alternating blocks of steps / rounds each, so that a drift in a shared machine's speed falls
+    on both alike; each block runs under its loop's float32 settings."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    loops = {"ours": (ours_step(cfg, device), OURS_TF32.get(device.type, False)), "plain": (plain_step(cfg, device), None)}
+    cycles = {name: itertools.cycle(batches) for name in loops}
+    for name, (step, tf32) in loops.items():
+        with float32_matmul(tf32):
+            _timed(step, cycles[name], device, warmup)  # also pays for torch.compile and autotuning
+    seconds = dict.fromkeys(loops, 0.0)
+    blocks = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for block in (b for b in blocks if b):
+        for name, (step, tf32) in loops.items():
+            with float32_matmul(tf32):
+                seconds[name] += _timed(step, cycles[name], device, block)
+    del loops, cycles
+    _release(device)
+    images = steps * cfg.optim.batch_size
+    return _images_per_second(images, seconds["ours"]), _images_per_second(images, seconds["plain"])
+
+
+def trainer_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                       batches: Sequence[Batch] | None = None) -> float:
+    """Images/s of Trainer.train_step alone on prebuilt batches."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    step, cycle = ours_step(cfg, device), itertools.cycle(batches)
+    with float32_matmul(OURS_TF32.get(device.type, False)):
+        _timed(step, cycle, device, warmup)
+        seconds = _timed(step, cycle, device, steps)
+    del step
+    _release(device)
+    return _images_per_second(steps * cfg.optim.batch_size, seconds)
+
+
+def baseline_throughput(cfg: TrainConfig, device: torch.device, steps: int, warmup: int,
+                        batches: Sequence[Batch] | None = None) -> float:
+    """Images/s of the plain loop alone, under PyTorch's default float32 settings."""
+    batches = batches if batches is not None else prebuilt_batches(cfg, device)
+    step, cycle = plain_step(cfg, device), itertools.cycle(batches)
+    with float32_matmul(None):
+        _timed(step, cycle, device, warmup)
+        seconds = _timed(step, cycle, device, steps)
+    del step
     _release(device)
     return _images_per_second(steps * cfg.optim.batch_size, seconds)
 
@@ -142,7 +198,7 @@ def _packed_copy(cfg_json: str, device: str, steps: int, warmup: int, barrier: A
     cfg = TrainConfig.model_validate_json(cfg_json)
     dev = torch.device(device)
     trainer = Trainer(cfg, dev)
-    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
+    batches = itertools.cycle(prebuilt_batches(cfg, dev))
     for _ in range(warmup):
         trainer.train_step(next(batches))
     synchronize(dev)
@@ -179,14 +235,22 @@ def run_trainer_bench(settings: TrainerBenchSettings, device: torch.device | Non
     cfg = train_config(settings)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    ours = trainer_throughput(cfg, device, settings.steps, settings.warmup)
-    plain = baseline_throughput(cfg, device, settings.steps, settings.warmup)
+    batches = prebuilt_batches(cfg, device)  # the same images for both loops
+    ours, plain = paired_throughput(cfg, device, settings.steps, settings.warmup, batches)
+    del batches
     flops = train_flops_per_image(cfg.model, NUM_CLASSES)
     peak = peak_flops(device)
     result: dict[str, Any] = {
         "benchmark": "trainer",
         "device": device_name(device),
         "config": {**asdict(settings), "precision": "bf16" if device.type == "cuda" else "fp32"},
+        # What each loop ran under: the figures compare steps on the same prebuilt device batches.
+        "fairness": {
+            "data": f"{MATERIALISED_BATCHES} batches prebuilt on the device, cycled by both loops",
+            "timing": f"{ROUNDS} alternating blocks per loop after both warmed up",
+            "ours_float32": "TF32" if device.type == "cuda" else "fp32",
+            "baseline_float32": "PyTorch defaults (matmul TF32 off)",
+        },
         "imgs_per_s": ours,
         "baseline_imgs_per_s": plain,
         "speedup": ours / plain,

@@ -4,8 +4,10 @@ Every MODEL becomes one MLflow run in the inspection experiment (--experiment, d
 `inspect`) with the same probe metrics and files as a sweep trial; --test-time-registers adds
 one run per model with a test-time register. The side-by-side report goes to --out and into
 an `inspection-report` run. Exit status 2 with one line on stderr for bad input (unknown
-model, missing file, no network for a hub name, unreadable data or store): then nothing is
-written, neither to MLflow nor to --out.
+model, missing file, no network for a hub name, weights that do not load, unreadable data or
+store): then nothing is written, neither to MLflow nor to --out. Every model is loaded and
+probed before the store is opened (what a probe measures is a few scalars and figures, held
+until then), so that a file that fails to load, even the last one, leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -77,7 +79,23 @@ def main(argv: list[str] | None = None) -> int:
         except (InspectError, DatasetNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        # Phase 2: probe and log one model at a time (big models are not all held in memory).
+        # Phase 2: load and probe one model at a time (big models are not all held in memory);
+        # a file that does not load is bad input, so nothing is written until every model probed.
+        probed = []
+        for item in resolved:
+            start = time.perf_counter()
+            try:
+                found = inspect_model(item, opts)
+            except (WeightsError, DatasetNotFoundError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if found and found[0].weights_note:
+                print(f"{item.label}: {found[0].weights_note}")
+            for inspection in found:
+                print(f"{inspection.column}: {_headline(inspection)}")
+            print(f"  {time.perf_counter() - start:.1f} s")
+            probed.append((item, found))
+        # Phase 3: the MLflow runs and the report.
         from orchestrator.inspect.report import write_report
         from orchestrator.inspect.runs import log_inspection
         from orchestrator.stores.mlflow_store import StoreError
@@ -88,19 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         inspections, cutoffs = [], []
-        for item in resolved:
-            start = time.perf_counter()
-            try:
-                found = inspect_model(item, opts)
-            except (WeightsError, DatasetNotFoundError) as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
+        for item, found in probed:
             for inspection in found:
                 inspection.run_id = log_inspection(store, item, inspection, opts)
                 inspections.append(inspection)
                 cutoffs.append(inspection.cutoff)
-                print(f"{inspection.column}: {_headline(inspection)} (run {inspection.run_id})")
-            print(f"  {time.perf_counter() - start:.1f} s")
+                print(f"{inspection.column}: run {inspection.run_id}")
         report = write_report(inspections, args.out, experiment=args.experiment, tracking_uri=uri, cutoffs=cutoffs)
         report_run = store.log_report(args.out, {"inspect.models": json.dumps([i.label for i in resolved])[:5000]})
     print(f"report: {report}")

@@ -56,6 +56,7 @@ class Inspection:
     files: dict[str, bytes]
     search: dict[str, object] | None = None  # NeuronSearch.summary() (test-time variant, and the note on the other)
     note: str = ""
+    weights_note: str = ""  # how the weights file was adapted to load (trainers.pretrained.PretrainedModel.note)
     seconds: float = 0.0
     run_id: str | None = None
     register_depth: int = 0  # the block the trained registers enter before (0: the input)
@@ -90,10 +91,11 @@ def inspect_model(item: ResolvedModel, opts: InspectOptions) -> list[Inspection]
             )
             return _inspections(item, result, opts, model, model_name, img_size, data, probe_cfg.outlier_cutoff, start)
         mean, std, crop = IMAGENET_STATS[0], IMAGENET_STATS[1], 1.0  # explicit data: ImageNet normalisation
+        weights_note = ""
     else:
         loaded = load_timm(item.spec.name, item.weights, img_size=opts.img_size, device=device)
         model, arch, img_size = loaded.model, item.spec.name.split(".")[0], loaded.img_size
-        model_name = item.spec.name
+        model_name, weights_note = item.spec.name, loaded.note
         mean, std, crop = loaded.mean, loaded.std, float(model.pretrained_cfg.get("crop_pct") or 1.0)
         ttr = ttr_config(arch, opts.ttr_overrides, opts.search_images) if opts.test_time_registers else None
         cutoff = opts.outlier_cutoff or default_config(arch).threshold or ProbeConfig().outlier_cutoff
@@ -105,7 +107,10 @@ def inspect_model(item: ResolvedModel, opts: InspectOptions) -> list[Inspection]
     result = compare(
         model, images.probe.to(device), images.search.to(device) if ttr else None, probe_cfg, ttr, figures=True
     )
-    return _inspections(item, result, opts, model, model_name, img_size, images.description, probe_cfg.outlier_cutoff, start)
+    found = _inspections(item, result, opts, model, model_name, img_size, images.description, probe_cfg.outlier_cutoff, start)
+    for inspection in found:
+        inspection.weights_note = weights_note
+    return found
 
 
 def _inspections(

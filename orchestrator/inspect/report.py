@@ -113,8 +113,9 @@ def findings(inspections: Sequence[Inspection], frame: pd.DataFrame) -> list[str
         else:
             sentence += "; the output has no more than 1% of them."
         lines.append(sentence)
-        if item.note:
-            lines.append(f"  {item.note[0].upper() + item.note[1:]}.")
+        for note in (item.weights_note, item.note):
+            if note:
+                lines.append(f"  {note[0].upper() + note[1:]}.")
     return lines
 
 

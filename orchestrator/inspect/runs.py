@@ -24,6 +24,8 @@ def run_tags(item: ResolvedModel, inspection: Inspection) -> dict[str, str]:
         tags["inspect.trial_run"] = item.spec.name
         if item.spec.step is not None:
             tags["inspect.trial_step"] = str(item.spec.step)  # run:RUN_ID@STEP: a kept checkpoint, not the final one
+    if inspection.weights_note:
+        tags["inspect.weights_note"] = inspection.weights_note[:5000]
     return tags
 
 

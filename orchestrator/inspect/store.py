@@ -29,7 +29,7 @@ def tracking_uri(explicit: str | None) -> str:
 
 
 class InspectionStore:
-    """Writes the inspection experiment. Created only after every model and the data resolved."""
+    """Writes the inspection experiment. Created only after every model loaded and was probed."""
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.client = open_client(uri)  # a new SQLite store is created safely beside other processes

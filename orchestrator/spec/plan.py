@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.spec.cluster import ClusterShape, at_once_line
 from orchestrator.spec.errors import SpecError
+from orchestrator.spec.memory import TrialMemory, format_gb, memory_lines, trial_memory
 from orchestrator.spec.schema import SweepSpec, describe_param
 from orchestrator.stores.mlflow_uri import DEFAULT_TRACKING_URI
 from trainers.config import DataConfig, ModelConfig, TrainConfig, data_parallel_problem
@@ -32,6 +33,13 @@ class TrialPlan:
     gpu_hours: float = 0.0  # on spec.cost.gpu_type (trainers/cost.py): measured images/s, else FLOPs at an MFU
     usd: float = 0.0  # gpu_hours * spec.cost's price
     estimate: str = ""  # how gpu_hours was estimated
+    gpus: float = 0.0  # GPUs the trial holds (all its workers together)
+    memory: TrialMemory | None = None  # per process (per worker) on spec.cost.gpu_type
+
+    @property
+    def wall_hours(self) -> float | None:
+        """Wall-clock hours on its GPUs: GPU-hours / GPUs (a shared GPU's fraction stretches it); None without a GPU."""
+        return self.gpu_hours / self.gpus if self.gpus > 0 else None
 
 
 @dataclass
@@ -112,11 +120,13 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
         flops = trial_flops(cfg)
         seconds, estimate = gpu_seconds(cfg, flops, spec.cost.gpu_type, spec.cost.mfu, spec.cost.peak)
         hours = seconds / 3600
+        memory = trial_memory(cfg, num_classes(cfg.data), spec.resources, spec.cost.memory_gb)
         for _ in range(samples):
             trials.append(
                 TrialPlan(
                     index=len(trials), axes=dict(assignment), config=cfg, flops=flops,
                     gpu_hours=hours, usd=hours * spec.cost.price, estimate=estimate,
+                    gpus=spec.resources.gpu_per_trial, memory=memory,
                 )
             )
     cpu, gpu = spec.resources.cpu_per_trial, spec.resources.gpu_per_trial
@@ -167,9 +177,11 @@ def cost_lines(plan: SweepPlan) -> list[str]:
     gpus = plan.gpu_per_trial
     if gpus == 0:
         lines.append(f"  (the trials ask for no GPU: these figures are what they would take on {cost.gpu_type})")
-    elif gpus >= 1:
-        wall = sorted({t.gpu_hours / gpus for t in trials})
-        lines.append(f"  (a trial on its {_number(gpus)} GPU{'s' if gpus > 1 else ''}: {format_hours(wall[-1])} hours at most, wall clock)")
+    else:
+        wall = sorted(t.wall_hours or 0.0 for t in trials)
+        span = format_hours(wall[0]) if format_hours(wall[0]) == format_hours(wall[-1]) else f"{format_hours(wall[0])} to {format_hours(wall[-1])}"
+        share = f"its {_number(gpus)} GPU{'s' if gpus > 1 else ''}" if gpus >= 1 else f"its {_number(gpus)} of a GPU (shared, so slower)"
+        lines.append(f"  (a trial on {share}: {span} hours wall clock = GPU-hours / GPUs per trial)")
     lines.append("  (set cost: {gpu_type, usd_per_gpu_hour, mfu, peak_tflops} in the spec, or --set cost.gpu_type=A100)")
     return lines
 
@@ -226,6 +238,21 @@ def concurrency_lines(plan: SweepPlan, cluster: ClusterShape | None) -> list[str
     return lines + [f"  {line}" for line in at_once_line(cluster, spec.resources, spec.max_concurrent, len(plan.trials))]
 
 
+def _memory_cell(memory: TrialMemory | None) -> str:
+    if memory is None:
+        return "-"
+    return format_gb(memory.estimate.total) + ("" if memory.fits else " !")
+
+
+def plan_memory_lines(plan: SweepPlan) -> list[str]:
+    """Memory per GPU of every trial, and a warning naming each trial that will not fit, with its fix."""
+    spec = plan.spec
+    trials = [(t.index, {k: _cell(v) for k, v in t.axes.items()}, t.memory) for t in plan.trials if t.memory is not None]
+    if not trials:
+        return []
+    return memory_lines(trials, spec.resources, spec.cost.gpu_type, spec.cost.memory_gb, spec.train.optim.batch_size)
+
+
 def format_plan(plan: SweepPlan, cluster: ClusterShape | None = None) -> str:
     """The --dry-run text: every trial, the counts, resources, FLOPs and where results go;
     with `cluster`, how many trials the cluster holds at once."""
@@ -237,7 +264,7 @@ def format_plan(plan: SweepPlan, cluster: ClusterShape | None = None) -> str:
         header += ["sample", *plan.searched]
     if "steps" not in axis_keys:
         header.append("steps")
-    header += ["tokens", "train FLOPs", "GPU-h", "USD"]
+    header += ["tokens", "train FLOPs", "GPU-h", "USD", "GPUs", "wall-h", "mem GB"]
     ranges = [describe_param(p) for p in plan.searched.values()]
     rows = []
     for trial in plan.trials:
@@ -247,7 +274,9 @@ def format_plan(plan: SweepPlan, cluster: ClusterShape | None = None) -> str:
         if "steps" not in axis_keys:
             row.append(str(trial.config.steps))
         row += [str(tokens_per_image(trial.config.model)), format_flops(trial.flops)]
-        row += [format_hours(trial.gpu_hours), format_usd(trial.usd)]
+        row += [format_hours(trial.gpu_hours), format_usd(trial.usd), _number(trial.gpus)]
+        row.append("-" if trial.wall_hours is None else format_hours(trial.wall_hours))
+        row.append(_memory_cell(trial.memory))
         rows.append(row)
 
     cells = len(plan.trials) // samples
@@ -295,6 +324,7 @@ def format_plan(plan: SweepPlan, cluster: ClusterShape | None = None) -> str:
                   "clip": "clip: image and text towers"}
         lines.append(f"  (extra passes counted: {'; '.join(passes[o] for o in objectives)})")
     lines += cost_lines(plan)
+    lines += plan_memory_lines(plan)
     lines += lr_lines(plan)
     if any(k == c or k.startswith(c) for k in plan.searched for c in COST_KEYS):
         lines.append("  (searched keys change the cost; the estimate uses the base train values)")
