@@ -69,7 +69,9 @@ class UnitTrial(SimpleNamespace):
 
     def __init__(self, trial_id: str, error: str) -> None:
         config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {"optim.lr": GOOD_LR}}}
-        super().__init__(trial_id=trial_id, config=config, checkpoint=None, error=error, error_file=None)
+        super().__init__(
+            trial_id=trial_id, config=config, checkpoint=None, error=error, error_file=None, last_result={}
+        )
 
     def get_error(self) -> str:
         return self.error

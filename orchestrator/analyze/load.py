@@ -51,6 +51,7 @@ class SkippedRun:
     reason: str
     axes: str  # 'size=mini registers=4 steps=100 seed=1', as far as known
     objective: str = cat.DEFAULT_OBJECTIVE
+    stopped_at_step: int | None = None  # a FINISHED run that the sweep's scheduler stopped early
 
 
 @dataclass
@@ -254,6 +255,14 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         axes = f"size={size} registers={regs} steps={steps} seed={seed}"
         if run.status != "FINISHED":
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, f"status {run.status}", axes, objective))
+            continue
+        stopped = run.tags.get(cat.STOPPED_AT_STEP_TAG)
+        if stopped is not None:
+            # Its last metrics are of step `stopped`, not of the length its axis names: counting
+            # it as a result of that length would compare a short run with full ones.
+            reason = run.tags.get(cat.STOPPED_REASON_TAG) or f"stopped early at step {stopped} by the sweep's scheduler"
+            step = int(stopped) if stopped.isdigit() else None
+            skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective, step))
             continue
         try:
             if size is None:

@@ -17,7 +17,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.launch.console import SweepConsole
-from orchestrator.launch.parent_run import abandon_launch, finish_launch
+from orchestrator.launch.parent_run import abandon_launch, fail_launch, finish_launch
 from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
 from orchestrator.spec.plan import SweepPlan, concurrency_cap
 from orchestrator.spec.schema import SweepSpec
@@ -36,10 +36,15 @@ def resourced_trainable(spec: SweepSpec) -> Any:
     With workers > 1 the trial is run_distributed_trial, a driver that holds no CPU or GPU of
     its own: its TorchTrainer's workers ask for theirs (orchestrator/trials/distributed.py)."""
     r = spec.resources
+    # Every report carries what the search and the scheduler read (orchestrator/trials/reporting.py).
     if not r.distributed:
-        return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
+        return tune.with_resources(
+            tune.with_parameters(run_trial, report_metrics=spec.tune_metrics), {"cpu": r.cpu, "gpu": r.gpu}
+        )
     driver = tune.with_parameters(
-        run_distributed_trial, scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker)
+        run_distributed_trial,
+        scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker),
+        report_metrics=spec.tune_metrics,
     )
     # Tune refuses a trial without any resource: the driver asks for a token of memory, no CPU,
     # so that a trial's workers fit where their CPUs alone fit.
@@ -113,6 +118,17 @@ def build_tuner(spec: SweepSpec, plan: SweepPlan, context: SweepContext, name: s
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
+def scheduler_summary(spec: SweepSpec) -> tuple[str, str]:
+    """How a stopped trial's run names the scheduler that stopped it, and the metric it read."""
+    s = spec.scheduler
+    if s is None:
+        return "", ""
+    return (
+        f"ASHA on {s.metric} ({s.mode}; grace period {s.grace_period} steps, reduction factor {s.reduction_factor:g})",
+        s.metric,
+    )
+
+
 def grid_cells(trials: Sequence[Any], space: dict[str, Any]) -> list[dict[str, Any]]:
     """Distinct grid assignments (searched keys removed), in plan order."""
     cells: list[dict[str, Any]] = []
@@ -135,7 +151,10 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
             resume_errored=False,
         )
     else:
-        context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
+        context = SweepContext(
+            launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit,
+            *scheduler_summary(launch.spec),
+        )
         tuner = build_tuner(launch.spec, launch.plan, context, launch.name, launch.verbose)
     # Tune adds its TensorBoardX logger unless told not to; importing it pulls torch and boto3
     # into the driver (2-3 s of CPU while the first trials start) for event files nobody reads.
@@ -148,6 +167,9 @@ def fit_launch(launch: Launch, client: MlflowClient, record: LaunchRecord) -> tu
         results = tuner.fit()
     except KeyboardInterrupt:
         abandon_launch(client, record)
+        raise
+    except Exception as error:
+        fail_launch(client, record, error)
         raise
     if results.num_terminated + results.num_errors < len(results):
         # Tune turns the first Ctrl+C into a normal return with unfinished trials.
