@@ -49,9 +49,15 @@ def test_the_lists_copy_the_probes_own_constants() -> None:
     assert metrics.VAL_KNN_TOP1 == VAL_KNN_TOP1 and metrics.VAL_ZEROSHOT_TOP1 == VAL_ZEROSHOT_TOP1
 
 
-@pytest.mark.parametrize("registers", [0, 3])
-def test_every_probe_measures_the_listed_metrics_and_only_conditional_ones_besides(registers: int) -> None:
+# Registers entering at a later block, where the model config has that key (model.register_depth).
+LATE = [(3, 2)] if "register_depth" in ModelConfig.model_fields else []
+
+
+@pytest.mark.parametrize("registers, enter", [(0, 0), (3, 0), *LATE])
+def test_every_probe_measures_the_listed_metrics_and_only_conditional_ones_besides(registers: int, enter: int) -> None:
     cfg = tiny(registers=registers)
+    if enter:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"register_depth": enter})})
     trainer = Trainer(cfg, CPU)
     batches = trainer.data.train_batches(0, cfg.optim.batch_size)
     listed = metrics.probe_metrics(cfg)

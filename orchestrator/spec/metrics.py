@@ -57,14 +57,17 @@ def probe_metrics(cfg: TrainConfig) -> set[str]:
     """The probe scalars of every probe of this trial, whatever its weights (trainers/probes/report.py)."""
     _, depth, _ = cfg.model.dims
     registers = cfg.model.num_registers
+    # Registers that enter at a later block (model.register_depth, where the model has it) have
+    # per-block statistics only from that block on.
+    enter = getattr(cfg.model, "register_depth", 0) or 0
     blocks = [names.block(i) for i in range(depth)]
     found = {names.PROBE_SECONDS, names.NEIGHBOUR_COS_NORMAL}
     for location in (*blocks, names.OUTPUT):
         found.update(names.outlier_frac(location, detector) for detector in names.DETECTORS)
-    for block in blocks:
+    for index, block in enumerate(blocks):
         found.update(names.norm_stat(stat, "patch", block) for stat in BLOCK_PATCH_STATS)
         found.add(names.norm_stat("mean", "cls", block))
-        if registers:
+        if registers and index >= enter:
             found.add(names.norm_stat("mean", "reg", block))
     tokens = ["patch", "cls"] + (["reg", *(f"reg_{r:02d}" for r in range(registers))] if registers else [])
     found.update(names.norm_stat(stat, token, names.OUTPUT) for stat in NORM_STATS for token in tokens)
