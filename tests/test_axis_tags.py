@@ -37,7 +37,7 @@ def test_the_analysis_reads_old_runs_with_path_named_copies_and_new_runs_alike()
     study = {"axis.model_size": "mini", "axis.num_registers": "4", "axis.steps": "20", "axis.seed": "0"}
     old = raw_run("old", {**study, "axis.model.size": "mini", "axis.model.num_registers": "4"})
     new = raw_run("new", {**study, "axis.seed": "1", "axis.optim.lr": "0.002"})
-    trials, skipped, _ = _classify([old, new])
+    trials, _, skipped, _ = _classify([old, new])
     assert not skipped
     by_id = {t.run_id: t for t in trials}
     assert by_id["old"].other_axes == ()  # the copies are no further swept keys

@@ -42,5 +42,5 @@ def test_ranks_stop_together_on_emergence(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["step"] == ranks[1]["step"] == 48  # confirmed at the second flagged regular probe
     assert ranks[0]["checkpoints"] == ranks[1]["checkpoints"] == [48]
-    assert ranks[0]["tags"]["stopped_at_step"] == "48" and 21 <= int(ranks[0]["tags"]["emerged_at_step"]) < 23
+    assert ranks[0]["tags"]["stopped_early.step"] == "48" and 21 <= int(ranks[0]["tags"]["emerged_at_step"]) < 23
     assert ranks[1]["tags"] == {}  # rank 0 measures and tags for all

@@ -32,7 +32,7 @@ from sweep_helpers import tiny_spec, write_spec
 from trainers.loop import NonFiniteLossError
 from trainers.probes import names
 
-STEPS, LOG_EVERY, EVAL_EVERY = 60, 5, 10
+STEPS, LOG_EVERY, EVAL_EVERY, PROBE_EVERY = 60, 5, 10, 20
 GOOD_LR, DIVERGING_LR = 1.0e-3, 1.0e4  # 1e4 really makes the loss non-finite within a few steps
 
 
@@ -69,7 +69,9 @@ class UnitTrial(SimpleNamespace):
 
     def __init__(self, trial_id: str, error: str) -> None:
         config = {"train": tiny_spec(Path("."))["train"], "trial": {"index": 0, "axes": {"optim.lr": GOOD_LR}}}
-        super().__init__(trial_id=trial_id, config=config, checkpoint=None, error=error, error_file=None)
+        super().__init__(
+            trial_id=trial_id, config=config, checkpoint=None, error=error, error_file=None, last_result={}
+        )
 
     def get_error(self) -> str:
         return self.error
@@ -192,7 +194,7 @@ def test_diverged_trial_is_retried_without_training_again(tmp_path: Path, monkey
 def failing_spec(tmp_path: Path) -> dict[str, Any]:
     spec = tiny_spec(tmp_path, name="failures", max_concurrent=2, max_failures=1)
     spec["train"].update(steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
-    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    spec["train"]["probe"] = {"every": PROBE_EVERY, "batch_size": 8}  # on, as the shipped specs run them
     spec["grid"] = {"optim.lr": [GOOD_LR, DIVERGING_LR]}
     return spec
 
@@ -214,12 +216,15 @@ def healthy_trial_mid_way(client: Any) -> Any:
 def failed_sweep(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     tmp_path = tmp_path_factory.mktemp("failures")
     sweep = start_sweep_cli(tmp_path, str(write_spec(tmp_path, failing_spec(tmp_path))))
-    victim = wait_for_store(tmp_path, sweep, healthy_trial_mid_way)
+    # Found with the sweep paused (SIGSTOP to its process group, Ray's workers included), so the
+    # victim cannot finish between the check and the kill; the sweep goes on after it.
+    victim = wait_for_store(tmp_path, sweep, healthy_trial_mid_way, frozen=True)
     pid = int(victim.data.tags["worker.pid"])
     command = process_table()[pid][1]
     assert command.startswith("ray::"), f"worker.pid {pid} is not a Ray worker: {command!r}"
-    os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
     killed_at = train_loss_steps(store_client(tmp_path), victim.info.run_id)
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer or a lost node would
+    os.killpg(sweep.pid, signal.SIGCONT)
     returncode = sweep.wait(timeout=300)
     return SimpleNamespace(
         tmp_path=tmp_path, returncode=returncode, text=output(tmp_path), client=store_client(tmp_path),
@@ -243,6 +248,11 @@ def test_killed_worker_retries_in_the_same_run(failed_sweep: SimpleNamespace) ->
     assert train_loss_steps(client, healthy.info.run_id) == expected_steps(LOG_EVERY, STEPS)
     val_steps = [m.step for m in client.get_metric_history(healthy.info.run_id, names.VAL_TOP1)]
     assert val_steps == expected_steps(EVAL_EVERY, STEPS)
+    # The probes too: each step once, those the retry measured again not twice, the figures at the end.
+    probe_steps = [m.step for m in client.get_metric_history(healthy.info.run_id, names.outlier_frac(names.OUTPUT))]
+    assert probe_steps == expected_steps(PROBE_EVERY, STEPS)
+    figures = client.list_artifacts(healthy.info.run_id, names.artifact_dir(STEPS))
+    assert names.NORM_HIST_FIGURE in {a.path.rsplit("/", 1)[-1] for a in figures}
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 from pathlib import Path
 
@@ -106,12 +107,24 @@ def test_dino_on_image_text_shards_trains_and_skips_the_knn_without_labelled_tra
     from trainers.config import DinoConfig, ModelConfig, OptimConfig, ProbeConfig
     from trainers.loop import Trainer
 
+    from trainers.probes import names
+    from trainers.tracking import MemoryTracker
+
     _shards(tmp_path / "shards")
     cfg = TrainConfig(
         objective="dino", steps=2, log_every=1,
         model=ModelConfig(size="micro", img_size=16, patch_size=8, num_registers=1),
         data=DataConfig(name="webdataset", root=str(tmp_path / "shards"), val_root=str(_val_folder(tmp_path)), num_workers=0),
-        optim=OptimConfig(batch_size=2), probe=ProbeConfig(every=0, at_end=False),
+        # Probes on (the teacher, on the val folder's 4 images), as a shipped spec runs them.
+        optim=OptimConfig(batch_size=2), probe=ProbeConfig(every=1, batch_size=4),
         dino=DinoConfig(head_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8, local_crops=1, local_crop_size=8),
     )
-    assert Trainer(cfg, CPU).fit() == {}
+    trainer, tracker = Trainer(cfg, CPU), MemoryTracker()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.fit(tracker) == {}  # no k-NN bank, so no evaluation metrics
+    # It trained: a finite loss at each step, the student's weights moved, the teacher was probed.
+    losses = tracker.history(names.TRAIN_LOSS)
+    assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [1, 2]
+    assert not any(key.startswith("val/") for _, key, _ in tracker.metrics)

@@ -9,11 +9,15 @@ for a store that another process is creating; nobody gets a traceback.
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
@@ -21,12 +25,23 @@ from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
 from orchestrator.stores.mlflow_store import StoreError, open_client
 
 # A monitoring script or `mlflow ui`: plain MLflow, imported beforehand. With "wait" it opens
-# the store the moment the file appears; with "now" it creates the store itself at once.
+# the store the moment the file appears; with "now" it creates the store itself at once; with
+# "hold" it creates it but stops in the middle, after MLflow's first tables and before its
+# migrations, until a file named "release" appears beside the store.
 OPENER = """
 import sys, time
 from pathlib import Path
 from mlflow.tracking import MlflowClient
 path, when = Path(sys.argv[1]), sys.argv[2]
+if when == "hold":
+    import mlflow.store.db.utils as db_utils
+    migrate = db_utils._upgrade_db
+    def held(engine):
+        print("migrating", flush=True)
+        while not path.with_name("release").exists():
+            time.sleep(0.01)
+        migrate(engine)
+    db_utils._upgrade_db = held
 print("ready", flush=True)
 deadline = time.time() + 300
 while when == "wait" and not path.exists():
@@ -79,12 +94,21 @@ def test_a_store_another_process_is_creating_is_waited_for(tmp_path: Path) -> No
     import mlflow.tracking  # noqa: F401  (imported beforehand, so the open below starts at once)
 
     db = tmp_path / "mlflow.db"
-    opener = start_opener(db, "now")
-    deadline = time.monotonic() + 300
-    while not db.exists():  # the opener's first connection creates the file, then its tables
-        assert time.monotonic() < deadline and opener.poll() is None
-        time.sleep(0.001)
-    client = open_client(f"sqlite:///{db}")
+    opener = start_opener(db, "hold")
+    # The other process is in the middle of creating the store: its first tables are there,
+    # MLflow's migrations are not. That is the moment the open must not touch the file.
+    assert opener.stdout is not None and opener.stdout.readline().strip() == "migrating"
+    assert db.exists()
+    with pytest.raises(sqlite3.Error):
+        schema_revision(db)
+    opened: dict[str, Any] = {}
+    opening = threading.Thread(target=lambda: opened.update(client=open_client(f"sqlite:///{db}")))
+    opening.start()
+    opening.join(timeout=2)
+    assert opening.is_alive(), "the store was opened while another process was creating it"
+    (tmp_path / "release").touch()
+    opening.join(timeout=300)
+    client = opened["client"]
     client.create_experiment("from-the-sweep")
     finish(opener)
     assert {e.name for e in client.search_experiments()} == {"Default", "from-the-opener", "from-the-sweep"}
@@ -101,19 +125,52 @@ def test_a_store_that_cannot_be_opened_is_one_line_naming_it(tmp_path: Path) -> 
     )
 
 
+def test_a_store_created_elsewhere_between_build_and_move_is_the_one_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other interleaving: another process creates the store after the sweep built its
+    private copy and before it moves it into place. The move must not replace that store."""
+    from orchestrator.stores import mlflow_store
+
+    db = tmp_path / "mlflow.db"
+    build = mlflow_store._client
+
+    def build_then_let_another_process_create(uri: str) -> Any:
+        client = build(uri)
+        if uri.endswith(".partial"):
+            finish(start_opener(db, "now"))  # creates mlflow.db and its experiment, to the end
+        return client
+
+    monkeypatch.setattr(mlflow_store, "_client", build_then_let_another_process_create)
+    client = open_client(f"sqlite:///{db}")
+    assert {e.name for e in client.search_experiments()} == {"Default", "from-the-opener"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
 @pytest.mark.slow
 def test_sweep_starts_while_another_process_opens_the_new_store(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from crash_helpers import start_sweep_cli
+
     db = tmp_path / "mlflow.db"
     spec = tiny_spec(tmp_path, grid={"model.num_registers": [0]})
-    opener = start_opener(db, "wait")
+    sweep = start_sweep_cli(tmp_path, str(write_spec(tmp_path, spec)))
     try:
-        done = run_sweep_cli(tmp_path, str(write_spec(tmp_path, spec)), timeout=300)
+        # The moment the store appears, the sweep is paused (its whole process group), so the
+        # other process opens and writes the new store while the sweep is in the middle of using it.
+        deadline = time.monotonic() + 300
+        while not db.exists():
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.001)
+        os.killpg(sweep.pid, signal.SIGSTOP)
+        assert schema_revision(db) == head_revision()  # it appeared whole: nothing left to migrate
+        finish(start_opener(db, "now"))
     finally:
-        finish(opener)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+        os.killpg(sweep.pid, signal.SIGCONT)
+    returncode = sweep.wait(timeout=300)
+    output = (tmp_path / "sweep.out").read_text()
+    assert returncode == 0, output[-4000:]
     assert "Traceback" not in output and "already exists" not in output, output[-4000:]
 
     client = MlflowClient(f"sqlite:///{db}")

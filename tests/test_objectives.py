@@ -23,7 +23,8 @@ def tiny(objective: str, **overrides) -> TrainConfig:
         model=ModelConfig(size="micro", img_size=32, patch_size=8, num_registers=4),
         data=DataConfig(name="shapes", num_classes=4, train_size=128, val_size=32),
         optim=OptimConfig(lr=1e-3, batch_size=8, warmup_steps=1),
-        probe=ProbeConfig(every=0, at_end=False),
+        # Probes on, as the shipped specs run them: every half of the run and at the end.
+        probe=ProbeConfig(every=4, batch_size=16),
         dino=DinoConfig(
             head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2, local_crop_size=16,
             knn_train_size=64, centering="momentum", freeze_last_layer=0.25,
@@ -46,7 +47,15 @@ def test_a_few_steps_with_registers_log_the_objectives_metrics(objective: str) -
     metrics = trainer.fit(tracker)
     assert trainer.step == 8
     assert all(math.isfinite(v) for _, v in tracker.history(names.TRAIN_LOSS))
-    assert 0.0 <= metrics[names.VAL_TOP1] <= 1.0
+    # val/top1 is the objective's own top-1 on the 32 validation images: a count of them, logged at 4 and 8.
+    assert [s for s, _ in tracker.history(names.VAL_TOP1)] == [4, 8]
+    assert tracker.history(names.VAL_TOP1)[-1][1] == metrics[names.VAL_TOP1]
+    assert (metrics[names.VAL_TOP1] * 32) == pytest.approx(round(metrics[names.VAL_TOP1] * 32))
+    own = {"supervised": names.VAL_TOP1, "dino": "val/knn_top1", "clip": "val/zeroshot_top1"}[objective]
+    assert metrics[own] == metrics[names.VAL_TOP1]
+    # The probes ran on the model the objective names (DINO: the teacher), at 4 and at the end.
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [4, 8]
+    assert f"{names.artifact_dir(8)}/{names.NORM_HIST_FIGURE}" in tracker.files
     keys = {key for _, key, _ in tracker.metrics}
     expected = {
         "supervised": {names.VAL_LOSS},
@@ -57,16 +66,24 @@ def test_a_few_steps_with_registers_log_the_objectives_metrics(objective: str) -
 
 
 def test_dino_probes_read_the_teacher_and_the_teacher_follows_the_student() -> None:
-    trainer = Trainer(tiny("dino", steps=3, eval_every=0), CPU)
+    cfg = tiny("dino", eval_every=0)
+    trainer = Trainer(cfg, CPU)
     objective = trainer.objective
     assert objective.probe_model is objective.teacher["backbone"] and trainer.model is objective.student["backbone"]
     before = [p.detach().clone() for p in objective.teacher.parameters()]
-    trainer.fit()
+    prototypes = objective.student["dino_head"].last_layer.weight_v
+    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
+    changed = []
+    for _ in range(4):
+        previous = prototypes.detach().clone()
+        trainer.train_step(next(batches))
+        trainer.step += 1
+        changed.append(not torch.equal(previous, prototypes))
+    # freeze_last_layer 0.25 of 8 steps: the prototypes stay as they were for two steps, then train.
+    assert changed == [False, False, True, True]
     moved = [not torch.equal(a, b) for a, b in zip(before, objective.teacher.parameters())]
     assert any(moved)  # the EMA moved the teacher
     assert not any(p.requires_grad for p in objective.teacher.parameters())
-    # The prototypes were frozen for the first 25% of the steps (two of eight), then trained.
-    assert trainer.cfg.dino.freeze_last_layer == 0.25
 
 
 def _train_then_next_loss(cfg: TrainConfig, tmp_path, stop: int) -> tuple[float, float]:

@@ -19,6 +19,7 @@ import torch
 from trainers.config import ClipConfig, DataConfig, DinoConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from trainers.loop import Trainer
 from trainers.probes import names
+from trainers.tracking import MemoryTracker
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -35,7 +36,7 @@ def _config(objective: str, steps: int, lr: float) -> TrainConfig:
             shapes=["disc", "triangle", "ring", "cross"], object_area=(0.20, 0.35), rotation=0.0, colours="light_on_dark",
         ),
         optim=OptimConfig(lr=lr, batch_size=64, warmup_steps=steps // 10, weight_decay=0.04),
-        probe=ProbeConfig(every=0, at_end=False),
+        probe=ProbeConfig(every=100, batch_size=32),  # as families.yaml probes its 300-step runs
         # Short-run settings: few prototypes, a faster teacher, strong colour jitter (the shape,
         # not the colour, is what two crops of a 'shapes' image share), and no local crops.
         dino=DinoConfig(
@@ -54,7 +55,9 @@ def test_dino_knn_top1_beats_chance_and_initialisation() -> None:
     torch.set_num_threads(1)
     trainer = Trainer(_config("dino", steps=300, lr=2e-3), CPU)
     at_init = trainer.evaluate()["val/knn_top1"]
-    trained = trainer.fit()["val/knn_top1"]
+    tracker = MemoryTracker()
+    trained = trainer.fit(tracker)["val/knn_top1"]
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [100, 200, 300]  # of the teacher
     print(f"DINO k-NN top-1: {at_init:.3f} at initialisation, {trained:.3f} after 300 steps (chance {CHANCE:.3f})")
     assert trained > CHANCE + 0.15
     assert trained > at_init + 0.1
@@ -63,7 +66,9 @@ def test_dino_knn_top1_beats_chance_and_initialisation() -> None:
 def test_clip_zero_shot_top1_beats_chance() -> None:
     torch.set_num_threads(1)
     trainer = Trainer(_config("clip", steps=300, lr=2e-3), CPU)
-    trained = trainer.fit()
+    tracker = MemoryTracker()
+    trained = trainer.fit(tracker)
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [100, 200, 300]
     print(f"CLIP zero-shot top-1: {trained['val/zeroshot_top1']:.3f} after 300 steps (chance {CHANCE:.3f})")
     assert trained[names.VAL_TOP1] == trained["val/zeroshot_top1"]
     assert trained["val/zeroshot_top1"] > CHANCE + 0.25

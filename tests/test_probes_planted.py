@@ -70,7 +70,16 @@ def test_planted_patch_artifacts_are_found_from_their_block_on_by_both_detectors
     assert scalars[names.outlier_frac(names.OUTPUT)] == pytest.approx(len(PLANTED) / 64)
     assert scalars[names.norm_stat("max_over_median", "patch", names.OUTPUT)] > 10
     assert names.NEIGHBOUR_COS_OUTLIER in scalars  # the Fig. 5a probe runs once there are outliers
-    assert 0.0 <= scalars[names.attn("outlier_mass", "cls")] <= 1.0
+    # [CLS]'s attention mass on the outliers: its attention map summed over the planted corners,
+    # averaged over the 8 probe images (all of them kept in attention.npz).
+    report = run_probes(model, batch(), ProbeConfig(outlier_cutoff=ABS_CUTOFF), figures=False)
+    attention = np.load(io.BytesIO(report.files[names.ATTENTION_FILE]))
+    corners = np.zeros((8, 8), dtype=bool)
+    corners.flat[PLANTED] = True
+    assert (attention["outlier_mask"] == corners).all()
+    on_corners = attention["cls_attn"][:, corners].sum(axis=1).mean()
+    assert scalars[names.attn("outlier_mass", "cls")] == pytest.approx(on_corners, rel=1e-5)
+    assert 0 < on_corners < 1
 
 
 def test_planted_register_norms_leave_patches_clean():

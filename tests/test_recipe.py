@@ -32,7 +32,8 @@ def recipe_config(**overrides) -> TrainConfig:
         data=dict(name="shapes", num_classes=4, train_size=128, val_size=32),
         optim=dict(name="lamb", lr=4e-3, lr_ref_batch=2048, batch_size=16, warmup_steps=1),
         augment=RECIPE,
-        probe=dict(every=0, at_end=False),
+        # Probes on as deit3_registers.yaml runs them (about every tenth of the run, and at the end).
+        probe=dict(every=2, batch_size=16),
         steps=4, log_every=2, eval_every=2, seed=5,
     )
     raw.update(overrides)
@@ -189,13 +190,20 @@ def test_the_recipe_trains_a_step_under_bf16() -> None:
 # ------------------------------------------------------------------ the loop with the recipe on
 
 
-def test_a_few_steps_with_the_whole_recipe_learn_finite_losses() -> None:
+def test_a_few_steps_with_the_whole_recipe_train_evaluate_and_probe() -> None:
+    # Four steps at the lr scaled down from batch 2048 do not learn; what is checked is that the
+    # whole recipe updates every trained tensor, and that evaluation and probes see the result.
     tracker = MemoryTracker()
     trainer = Trainer(recipe_config(), CPU)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     metrics = trainer.fit(tracker)
     losses = tracker.history(names.TRAIN_LOSS)
     assert trainer.step == 4 and len(losses) == 2 and all(np.isfinite(v) for _, v in losses)
-    assert 0 <= metrics[names.VAL_TOP1] <= 1
+    unchanged = [name for name, p in trainer.model.named_parameters() if torch.equal(before[name], p)]
+    assert unchanged == [], unchanged  # LayerScale gammas, registers and the head included
+    assert metrics == trainer.evaluate()  # the returned metrics are the final weights' evaluation
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [2, 4]
+    assert f"{names.artifact_dir(4)}/{names.ATTENTION_FIGURE}" in tracker.files
 
 
 def test_checkpoint_round_trip_is_exact_and_weights_only(tmp_path) -> None:
@@ -236,8 +244,8 @@ def test_resumed_fit_with_the_recipe_matches_an_uninterrupted_fit(tmp_path) -> N
     second, second_log = Trainer(cfg, CPU), MemoryTracker()
     second.load(tmp_path)
     second.fit(second_log)
-    stitched = first_log.history(names.TRAIN_LOSS) + second_log.history(names.TRAIN_LOSS)
-    assert stitched == straight.history(names.TRAIN_LOSS)
+    for key in (names.TRAIN_LOSS, names.VAL_LOSS, names.outlier_frac(names.OUTPUT)):
+        assert first_log.history(key) + second_log.history(key) == straight.history(key), key
 
 
 def test_the_recipe_trains_on_an_imagefolder_with_imagenet_statistics(tmp_path) -> None:
@@ -247,7 +255,7 @@ def test_the_recipe_trains_on_an_imagefolder_with_imagenet_statistics(tmp_path) 
     cfg = recipe_config(
         data=dict(name="imagefolder", root=str(tmp_path), num_workers=0),
         optim=dict(name="lamb", lr=4e-3, lr_ref_batch=2048, batch_size=6),
-        probe=dict(every=0, at_end=False, batch_size=4),
+        probe=dict(every=2, batch_size=4),  # the tree's 6 validation images
     )
     trainer = Trainer(cfg, CPU)
     mean = trainer.objective.augment.mean.flatten().tolist()
@@ -259,3 +267,7 @@ def test_the_recipe_trains_on_an_imagefolder_with_imagenet_statistics(tmp_path) 
     images, targets = trainer.objective.inputs(batch, 0)
     assert images.shape == (6, 3, 32, 32) and targets.shape == (6, 3)
     assert np.isfinite(float(trainer.train_step(batch)))
+    tracker = MemoryTracker()
+    trainer.fit(tracker)  # the rest of the run, probes on the folder's validation JPEGs
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [2, 4]
+    assert names.SEG_MIOU not in {key for _, key, _ in tracker.metrics}  # an ImageFolder has no masks

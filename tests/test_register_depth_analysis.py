@@ -108,7 +108,7 @@ def test_the_axis_is_tagged_read_back_and_shown() -> None:
         study = {"axis.model_size": "micro", "axis.num_registers": "4", "axis.steps": "20", "axis.seed": "0"}
         return _RawRun(run_id, "FINISHED", None, 0, {"trial_id": run_id, **study, **tags}, params or {})
 
-    trials, skipped, dropped = _classify([
+    trials, _, skipped, dropped = _classify([
         run("tagged", {"axis.model.register_depth": "3"}),
         run("param", {}, {"model.register_depth": "2"}),  # not swept in its launch: the config says
         run("old", {}),  # from before the key: registers at the input

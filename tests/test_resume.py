@@ -28,6 +28,7 @@ from trainers.probes import names
 pytestmark = pytest.mark.slow
 
 STEPS, LOG_EVERY, EVAL_EVERY, TRIALS = 240, 5, 40, 3
+PROBE_EVERY = 50  # the quickstart's cadence
 # Kill once the running trial is past a few checkpoints and Tune's saved state (uploaded
 # every second here, TUNE_GLOBAL_CHECKPOINT_S; more often starves the driver on a busy
 # machine) records one of them for the restore. A trial takes a few seconds, so the check
@@ -38,7 +39,7 @@ KILL_AFTER_LOGGED = 3 * EVAL_EVERY // LOG_EVERY
 def resume_spec(tmp_path: Path) -> dict[str, Any]:
     spec = tiny_spec(tmp_path, name="resume", max_concurrent=1, max_failures=1)
     spec["train"].update(steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
-    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    spec["train"]["probe"] = {"every": PROBE_EVERY, "batch_size": 8}  # on, at the quickstart's cadence
     spec["grid"] = {"model.num_registers": [1]}
     spec["search"] = {
         "num_samples": TRIALS,
@@ -119,6 +120,11 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
         assert train_loss_steps(client, run_id) == expected_steps(LOG_EVERY, STEPS), run.info.run_name
         val_steps = [m.step for m in client.get_metric_history(run_id, names.VAL_LOSS)]
         assert val_steps == expected_steps(EVAL_EVERY, STEPS), run.info.run_name
+        # Probes without gaps or repeats across the kill, and the final figures.
+        probe_steps = [m.step for m in client.get_metric_history(run_id, names.outlier_frac(names.OUTPUT))]
+        assert probe_steps == [*expected_steps(PROBE_EVERY, STEPS), STEPS], run.info.run_name
+        figures = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, names.artifact_dir(STEPS))}
+        assert names.NORM_HIST_FIGURE in figures, run.info.run_name
 
     # The finished trial was not trained again: same end time, same history.
     after = {r.info.run_id: r for r in runs}

@@ -267,13 +267,21 @@ def test_trainer_trains_on_shards(sharded: Path) -> None:
     from trainers.config import ModelConfig, OptimConfig, ProbeConfig, TrainConfig
     from trainers.loop import Trainer
 
+    from trainers.probes import names
+    from trainers.tracking import MemoryTracker
+
     cfg = TrainConfig(
         model=ModelConfig(size="micro", img_size=16, patch_size=4, num_registers=2),
         data=DataConfig(name="shards", root=str(sharded), num_workers=0),
-        optim=OptimConfig(batch_size=4), probe=ProbeConfig(every=0, at_end=False), steps=2, eval_every=2,
+        optim=OptimConfig(batch_size=4), probe=ProbeConfig(every=1, batch_size=4), steps=2, eval_every=2, log_every=1,
     )
-    metrics = Trainer(cfg, CPU).fit()
-    assert np.isfinite(metrics["val/loss"])
+    tracker = MemoryTracker()
+    metrics = Trainer(cfg, CPU).fit(tracker)
+    assert np.isfinite(metrics["val/loss"]) and metrics["val/loss"] > 0
+    assert [s for s, _ in tracker.history(names.TRAIN_LOSS)] == [1, 2]
+    # Probes on the shards' validation JPEGs at each step, tables and the final figures.
+    assert [s for s, _ in tracker.history(names.outlier_frac(names.OUTPUT))] == [1, 2]
+    assert f"{names.artifact_dir(2)}/{names.NORM_HIST_FIGURE}" in tracker.files
 
 
 @pytest.mark.slow

@@ -195,6 +195,57 @@ def test_probe_metrics_are_accepted(tmp_path: Path) -> None:
     assert spec.search is not None and spec.search.metric == "probe/outlier_frac/output"
 
 
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        # Logged every 50 steps, first reported at step 20: Tune would stop the sweep at that report.
+        ({"search.metric": "train/loss", "search.mode": "min", "train.log_every": 50},
+         ["search.metric: 'train/loss' is first logged at step 50", "at most 20"]),
+        ({"search.metric": "val/loss", "train.objective": "dino"},
+         ["search.metric: 'val/loss' is not measured by the dino objective's evaluation", "val/knn_top1"]),
+        ({"search.metric": "val/knn_top1"}, ["not measured by the supervised objective's evaluation"]),
+        # Exists only while the model has outlier tokens; the data have no masks for corloc.
+        ({"search.metric": "probe/linear/class_acc/outlier"}, ["is not measured at every probe", "with 0 registers"]),
+        ({"search.metric": "probe/corloc"}, ["is not measured at every probe"]),
+        # Register 3 of a trial with 2 registers (the grid's other value) does not exist.
+        ({"search.metric": "probe/norm_max/reg_02/output", "grid.model.num_registers": [4, 2]},
+         ["probe/norm_max/reg_02/output", "with 2 registers", "model.num_registers=2"]),
+        ({"search.metric": "probe/outlier_frac/block_04"}, ["is not measured at every probe of a micro ViT"]),
+        ({"search.metric": "probe/outlier_frac/output", "train.probe.at_end": False}, ["the probes are off"]),
+        ({"search.metric": "val/top1", "train.objective": "dino", "train.data": {"name": "webdataset", "root": "/d", "val_root": "/v"}},
+         ["is never measured: a dino trial on webdataset data has no evaluation"]),
+    ],
+)
+def test_a_metric_that_a_report_can_lack_is_refused_at_load(
+    tmp_path: Path, changes: dict[str, Any], fragments: list[str]
+) -> None:
+    raw = with_search()
+    for path, value in changes.items():
+        if path.startswith("grid."):
+            raw["grid"][path.removeprefix("grid.")] = value  # a grid key is one dotted name
+        else:
+            set_dotted(raw, path, value)
+    message = error_of(write(tmp_path, raw))
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        "train/loss", "val/top1", "val/loss", "probe/outlier_frac/output", "probe/outlier_frac_abs/block_03",
+        "probe/norm_max_over_median/patch/output", "probe/attn_entropy/cls", "probe/linear/class_acc/cls",
+        "probe/norm_max/reg_01/output",
+    ],
+)
+def test_metrics_every_report_carries_are_accepted(tmp_path: Path, metric: str) -> None:
+    raw = with_search(metric=metric)
+    raw["grid"] = {"model.num_registers": [2, 4]}
+    spec = load_spec(write(tmp_path, raw))
+    assert spec.search is not None and spec.search.metric == metric
+
+
 def test_asha_with_steps_axis_is_refused_and_explains_why(tmp_path: Path) -> None:
     raw = spec_with(scheduler=copy.deepcopy(ASHA))
     raw["grid"]["steps"] = [50, 100]

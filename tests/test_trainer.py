@@ -41,7 +41,10 @@ def test_a_few_steps_log_train_and_val_metrics() -> None:
     assert [s for s, _ in tracker.history(names.TRAIN_LOSS)] == [2, 4, 6]
     assert [s for s, _ in tracker.history(names.VAL_TOP1)] == [3, 6]
     assert checkpoints == [3, 6]
-    assert 0.0 <= metrics[names.VAL_TOP1] <= 1.0 and math.isfinite(metrics[names.VAL_LOSS])
+    # The returned metrics are the last evaluation's: top-1 a count of the 64 validation images.
+    assert metrics == {key: tracker.history(key)[-1][1] for key in (names.VAL_TOP1, names.VAL_LOSS)}
+    assert metrics[names.VAL_TOP1] * 64 == round(metrics[names.VAL_TOP1] * 64)
+    assert math.isfinite(metrics[names.VAL_LOSS]) and metrics[names.VAL_LOSS] > 0
     # Warmup then cosine: the learning rate rises over warmup and decays at the end.
     lrs = [v for _, v in tracker.history(names.TRAIN_LR)]
     assert lrs[-1] < max(lrs)
@@ -77,7 +80,9 @@ def test_checkpoint_round_trip_gives_identical_next_step_loss(tmp_path) -> None:
 
 
 def test_resumed_fit_matches_uninterrupted_fit(tmp_path) -> None:
-    cfg = tiny_config(eval_every=2)  # checkpoints on log points, so the logged windows line up
+    # Checkpoints on log points, so the logged windows line up; probes at a checkpoint and at
+    # the end, as the shipped specs run them: a probe must not change what training draws next.
+    cfg = tiny_config(eval_every=2, probe=ProbeConfig(every=2, batch_size=8))
     straight = MemoryTracker()
     Trainer(cfg, CPU).fit(straight)
 
@@ -99,6 +104,8 @@ def test_resumed_fit_matches_uninterrupted_fit(tmp_path) -> None:
     second.fit(second_log)
     stitched = first_log.history(names.TRAIN_LOSS) + second_log.history(names.TRAIN_LOSS)
     assert stitched == straight.history(names.TRAIN_LOSS)
+    for key in (names.VAL_LOSS, names.outlier_frac(names.OUTPUT), names.attn("entropy", "cls")):
+        assert first_log.history(key) + second_log.history(key) == straight.history(key), key
 
 
 def draws() -> tuple[float, float, list[float]]:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except AnalysisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from orchestrator.analyze.pipeline import analyse_sweep
+    from orchestrator.analyze.pipeline import analyse_sweep, skipped_summary
 
     result = analyse_sweep(
         sweep,
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rec = result.recommendation
     print(f"report: {result.report_path}")
-    print(f"trials: {len(result.sweep.trials)} analysed, {len(result.sweep.skipped)} skipped")
+    skipped = f", {skipped_summary(result.sweep)}" if result.sweep.skipped else ", 0 skipped"
+    print(f"trials: {len(result.sweep.trials)} analysed{skipped}")
     print(f"artifacts in: {', '.join(result.sizes_with_artifacts) or 'no size'}")
     for check in result.learning:
         print(f"learned? {check.sentence()}")

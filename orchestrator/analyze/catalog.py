@@ -26,6 +26,9 @@ SWEEP_NAME_TAG = "sweep.name"
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "trial_id"
 SPEC_FILE_TAG = "sweep.spec_file"  # on the parent run: the spec file the launch was started from
+# A run the sweep's scheduler stopped before its last step (orchestrator/stores/mlflow_runs.py).
+STOPPED_AT_STEP_TAG = "stopped_early.step"
+STOPPED_REASON_TAG = "stopped_early.reason"
 # The class count of the data a trial trained on (chance = 1 / classes), tagged by the trainable.
 NUM_CLASSES_TAG = "data.num_classes"
 KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}

@@ -50,7 +50,7 @@ def outlier_points(sweep: Sweep) -> pd.DataFrame:
     objectives were swept), steps, location, block (NaN for output), step, fraction (of training),
     value, n_seeds.
     """
-    trials = sweep.trials_frame()
+    trials = sweep.watched_frame()
     several = trials["objective"].nunique() > 1 if not trials.empty else False
     trials = trials[trials["num_registers"] == 0]
     history = sweep.history.assign(location=sweep.history["key"].map(cat.outlier_location))
@@ -82,7 +82,7 @@ def first_sustained_crossing(values: Sequence[float], threshold: float) -> int |
 def emergence_points(sweep: Sweep, threshold: float) -> list[EmergencePoint]:
     """One point per (objective, model size, training length) with no-register trials, in table order."""
     points = outlier_points(sweep)
-    trials = sweep.trials_frame()
+    trials = sweep.watched_frame()
     trials = trials[trials["num_registers"] == 0]
     result: list[EmergencePoint] = []
     groups = sorted(

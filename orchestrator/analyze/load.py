@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pandas as pd
@@ -47,6 +47,9 @@ class Trial:
     emerged_at_step: int | None = None
 
 
+TRIAL_COLUMNS = [f.name for f in fields(Trial)]
+
+
 @dataclass(frozen=True)
 class SkippedRun:
     run_id: str
@@ -55,6 +58,7 @@ class SkippedRun:
     reason: str
     axes: str  # 'size=mini registers=4 steps=100 seed=1', as far as known
     objective: str = cat.DEFAULT_OBJECTIVE
+    stopped_at_step: int | None = None  # a FINISHED run that the sweep's scheduler stopped early
 
 
 @dataclass
@@ -64,11 +68,20 @@ class Sweep:
     tracking_uri: str
     trials: list[Trial]
     skipped: list[SkippedRun]
-    history: pd.DataFrame  # HISTORY_COLUMNS, one row per (run, key, step), trials only
+    history: pd.DataFrame  # HISTORY_COLUMNS, one row per (run, key, step), of trials and stopped
     duplicates_dropped: list[str] = field(default_factory=list)  # run ids replaced by a later run of the same setting
+    # Trials stopped before their length (a scheduler, probe.on_emergence: stop). Left out of every
+    # final-length table (they are in `skipped` with the reason), but their probes up to the stop
+    # still say whether and when artifacts emerged: the emergence map reads them.
+    stopped: list[Trial] = field(default_factory=list)
 
     def trials_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([t.__dict__ for t in self.trials])
+        # The columns even when empty: a sweep whose every trial stopped early has no full-length results.
+        return pd.DataFrame([t.__dict__ for t in self.trials], columns=TRIAL_COLUMNS)
+
+    def watched_frame(self) -> pd.DataFrame:
+        """Full-length and stopped trials: everything whose probes can map the emergence of artifacts."""
+        return pd.DataFrame([t.__dict__ for t in [*self.trials, *self.stopped]], columns=TRIAL_COLUMNS)
 
     def final_values(self) -> pd.DataFrame:
         """Value of every loaded key at the last step it was logged: columns run_id, key, step, value."""
@@ -115,21 +128,21 @@ def load_sweep(
     trial_runs = [r for r in raw if r.tags.get(cat.ROLE_TAG) == cat.TRIAL_ROLE]
     if parent_run is not None:
         trial_runs = [r for r in trial_runs if r.tags.get(cat.PARENT_TAG) == parent_run]
-    trials, skipped, dropped = _classify(trial_runs)
+    trials, stopped, skipped, dropped = _classify(trial_runs)
     scope = f" under parent run {parent_run}" if parent_run else ""
     if not trial_runs:
         raise AnalysisError(f"experiment {experiment!r} holds no trial runs{scope}: nothing to analyse yet")
-    if not trials and {s.status for s in skipped} == {"FAILED"}:
+    if not trials and not stopped and {s.status for s in skipped} == {"FAILED"}:
         reasons = "; ".join(f"{s.run_id[:8]}: {s.reason}" for s in skipped[:3])
         raise AnalysisError(f"experiment {experiment!r}: all {len(skipped)} trial runs{scope} FAILED ({reasons})")
-    if not trials:
+    if not trials and not stopped:
         listed = "; ".join(f"{s.run_id[:8]} ({s.reason})" for s in skipped[:5])
         detail = f" ({len(skipped)} skipped: {listed})" if skipped else f" ({len(trial_runs)} trial runs found)"
         raise AnalysisError(f"experiment {experiment!r} has no finished trials{scope}{detail}")
-    wanted = {t.run_id for t in trials}
+    wanted = {t.run_id for t in [*trials, *stopped]}
     history = _sql_history(uri, experiment_id) if sql else _client_history(client, [r for r in raw if r.run_id in wanted])
     history = history[history["run_id"].isin(wanted)].reset_index(drop=True)
-    return Sweep(experiment, experiment_id, uri, trials, skipped, history, dropped)
+    return Sweep(experiment, experiment_id, uri, trials, skipped, history, dropped, stopped)
 
 
 # ---------------------------------------------------------------- store and experiment
@@ -245,9 +258,11 @@ def _axis(run: _RawRun, tag: str) -> str | None:
     return value if value not in (None, "") else run.params.get(cat.AXIS_PARAM_FALLBACK[tag])
 
 
-def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[str]]:
-    """Finished trials with readable axes; everything else is skipped with a reason."""
+def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[Trial], list[SkippedRun], list[str]]:
+    """(full-length trials, trials stopped early, skipped runs with a reason, run ids dropped as
+    duplicates): finished trials with readable axes; everything else is skipped with a reason."""
     kept: dict[tuple, tuple[_RawRun, Trial]] = {}
+    stopped_trials: list[Trial] = []
     skipped: list[SkippedRun] = []
     dropped: list[str] = []
     for run in sorted(runs, key=lambda r: r.start_time):
@@ -260,6 +275,13 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         if run.status != "FINISHED":
             skipped.append(SkippedRun(run.run_id, trial_id, run.status, f"status {run.status}", axes, objective))
             continue
+        stopped = run.tags.get(cat.STOPPED_AT_STEP_TAG)
+        if stopped is not None:
+            # Its last metrics are of step `stopped`, not of the length its axis names: counting
+            # it as a result of that length would compare a short run with full ones.
+            reason = run.tags.get(cat.STOPPED_REASON_TAG) or f"stopped early at step {stopped} by the sweep's scheduler"
+            step = int(stopped) if stopped.isdigit() else None
+            skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective, step))
         try:
             if size is None:
                 raise ValueError("model size")
@@ -272,7 +294,11 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
             )
         except (TypeError, ValueError):
             reason = f"unreadable axis tags ({cat.AXIS_SIZE}, {cat.AXIS_REGISTERS}, {cat.AXIS_STEPS})"
-            skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective))
+            if stopped is None:
+                skipped.append(SkippedRun(run.run_id, trial_id, run.status, reason, axes, objective))
+            continue
+        if stopped is not None:
+            stopped_trials.append(trial)
             continue
         setting = (
             trial.objective, trial.model_size, trial.num_registers, trial.register_depth, trial.steps, trial.seed, trial.other_axes
@@ -280,7 +306,7 @@ def _classify(runs: list[_RawRun]) -> tuple[list[Trial], list[SkippedRun], list[
         if setting in kept:  # a later launch re-ran the same setting and seed: keep the newest
             dropped.append(kept[setting][0].run_id)
         kept[setting] = (run, trial)
-    return [trial for _, trial in kept.values()], skipped, dropped
+    return [trial for _, trial in kept.values()], stopped_trials, skipped, dropped
 
 
 def _emergence(run: _RawRun) -> dict[str, Any]:

@@ -113,13 +113,28 @@ def _draw_metric_figures(result: AnalysisResult, points: pd.DataFrame) -> None:
     result.figures.update({name: path for name, path in drawn.items() if path is not None})
 
 
+def skipped_summary(sweep: Sweep) -> str:
+    """'3 runs skipped (1 FAILED; 2 stopped early, at steps 20 and 40, so their metrics are not
+    those of their full length)'. Stopped trials (by the scheduler, or on the emergence of artifacts
+    with probe.on_emergence: stop) still count in the emergence map."""
+    stopped = sorted(s.stopped_at_step or 0 for s in sweep.skipped if s.stopped_at_step is not None)
+    others = [s.status for s in sweep.skipped if s.stopped_at_step is None]
+    parts = [f"{n} {status}" for status, n in pd.Series(others, dtype=object).value_counts().items()]
+    if stopped:
+        steps = sorted(set(stopped))
+        at = ", ".join(map(str, steps[:-1])) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+        parts.append(
+            f"{len(stopped)} stopped early, at step{'s' if len(steps) > 1 else ''} {at},"
+            " so their metrics are not those of their full length (their probes still count in the emergence map)"
+        )
+    return f"{len(sweep.skipped)} runs skipped ({'; '.join(parts)})"
+
+
 def data_caveats(sweep: Sweep, stats: pd.DataFrame) -> list[str]:
     """Sentences on what limits the conclusions: skipped runs, seeds, missing metrics."""
     caveats: list[str] = []
     if sweep.skipped:
-        by_status = pd.Series([s.status for s in sweep.skipped]).value_counts().to_dict()
-        listed = ", ".join(f"{n} {status}" for status, n in by_status.items())
-        caveats.append(f"{len(sweep.skipped)} runs skipped ({listed}); they are listed below and in skipped_runs.csv.")
+        caveats.append(f"{skipped_summary(sweep)}; they are listed below and in skipped_runs.csv.")
     if sweep.duplicates_dropped:
         caveats.append(
             f"{len(sweep.duplicates_dropped)} finished runs repeated a setting and seed of a later run and were "

@@ -134,7 +134,7 @@ def _join(items: Sequence[object]) -> str:
 
 def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
     sweep, rec, thr = result.sweep, result.recommendation, result.threshold
-    trials = sweep.trials_frame()
+    trials = sweep.watched_frame()  # what the sweep covers, trials stopped early included
     seeds = trials.groupby(["objective", "model_size", "num_registers", "register_depth", "steps"])["seed"].nunique()
     objectives = sorted(trials["objective"].unique(), key=cat.objective_sort_key)
     depths = sorted(trials["register_depth"].unique())
@@ -143,7 +143,8 @@ def render_report(result: AnalysisResult, emergence: pd.DataFrame) -> str:
         "",
         f"Tracking store `{sweep.tracking_uri}`, experiment id {sweep.experiment_id}"
         + (f", parent run `{result.parent_run}`" if result.parent_run else "")
-        + f". {len(sweep.trials)} finished trials analysed, {len(sweep.skipped)} runs skipped.",
+        + f". {len(sweep.trials)} finished trials analysed, {len(sweep.skipped)} runs skipped"
+        + (f" ({len(sweep.stopped)} of them stopped early: in the emergence map only)." if sweep.stopped else "."),
         f"Objectives: {_join(objectives)}; "
         f"model sizes: {_join(sorted(trials['model_size'].unique(), key=cat.size_sort_key))}; "
         f"register counts: {_join(sorted(trials['num_registers'].unique()))}; "

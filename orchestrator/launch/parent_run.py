@@ -90,6 +90,21 @@ def abandon_launch(client: MlflowClient, record: LaunchRecord) -> None:
     client.set_terminated(record.parent_run_id, status="KILLED")
 
 
+def fail_launch(client: MlflowClient, record: LaunchRecord, error: BaseException) -> None:
+    """Tune itself stopped with an error (not a trial's: those Tune retries and records): the
+    trial runs it left open and the parent run become FAILED, with the reason, never RUNNING.
+    The record stays 'running', so the same command can try to resume the launch."""
+    # Tune wraps the cause in a TuneError whose text is the whole traceback: its last line names the cause.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = (lines[-1] if len(lines) > 1 else f"{type(error).__name__}: {lines[0] if lines else ''}")[:500]
+    for run in child_runs(client, record.experiment_id, record.parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, FAILURE_TAG, f"the sweep stopped: {reason}")
+            client.set_terminated(run.info.run_id, status="FAILED")
+    client.set_tag(record.parent_run_id, FAILURE_TAG, reason)
+    client.set_terminated(record.parent_run_id, status="FAILED")
+
+
 def finish_launch(client: MlflowClient, record: LaunchRecord, path: str, trials: int, errored: int) -> None:
     """Tune is done with every trial: close what is left open, say which trials failed, mark it finished."""
     close_orphans(client, record.experiment_id, record.parent_run_id)

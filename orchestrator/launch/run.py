@@ -50,8 +50,13 @@ from trainers.probes.names import VAL_TOP1
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
+# The code a run is named by: the driver and the trainer. sweeps/ is left out on purpose:
+# a spec is input, not code, and each launch records its resolved spec (spec/resolved.yaml on
+# the parent run) and the spec's digest, so an edited spec is never hidden either.
 PACKAGE_DIRS = ("orchestrator", "trainers")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the folder that holds PACKAGE_DIRS
+# The repository root (orchestrator/launch/run.py -> parents[2]), the folder that holds PACKAGE_DIRS.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 @dataclass
 class SweepOutcome:
@@ -70,28 +75,45 @@ class LaunchFinishedError(RuntimeError):
     """The launch folder holds a finished sweep (or another spec's launch); nothing to resume."""
 
 
+class NoSourcesError(RuntimeError):
+    """The folder named as the project root holds none of the package sources."""
+
+
 def code_version(project_root: Path = PROJECT_ROOT) -> str:
-    """The git commit of the checkout this code runs from, or GIT_COMMIT, or (under `ray job
-    submit`, which ships no .git) a digest of the package sources, so every run names the code
-    it ran. Looked up beside the packages, not in the working directory: a sweep started from
-    elsewhere would otherwise record another repository's commit, or the digest of no files."""
+    """The git commit of the checkout this code runs from (`-dirty` when a file under
+    orchestrator/ or trainers/ differs from it), or GIT_COMMIT, or (under `ray job submit` and
+    from a source archive, which carry no .git) `src-` and a digest of the package sources, so
+    every run names the code it ran. Looked up beside the packages, not in the working
+    directory: a sweep started from elsewhere would otherwise record another repository's commit."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, timeout=5, check=True)
         return done.stdout.strip()
 
     try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", *PACKAGE_DIRS) else "")
+        # A copy unpacked inside some other repository (a home folder under git) is not that
+        # repository's commit: the commit names the code only if it tracks the sources.
+        if git("ls-files", "--", *PACKAGE_DIRS):
+            dirty = git("status", "--porcelain", "--", *PACKAGE_DIRS)
+            return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
-    digest = hashlib.sha1()
+    return f"src-{source_digest(project_root)}"
+
+
+def source_digest(project_root: Path) -> str:
+    """SHA-1 (12 hex digits) over the path and bytes of every .py file of PACKAGE_DIRS."""
+    digest, files = hashlib.sha1(), 0
     for package in PACKAGE_DIRS:
         for path in sorted((project_root / package).rglob("*.py")):
-            digest.update(path.relative_to(project_root).as_posix().encode())
+            digest.update(path.relative_to(project_root).as_posix().encode() + b"\0")
             digest.update(path.read_bytes())
-    return f"src-{digest.hexdigest()[:12]}"
+            files += 1
+    if not files:  # the digest of no files names no code: a wrong root, not a version
+        raise NoSourcesError(f"no sources of {', '.join(PACKAGE_DIRS)} under {project_root}")
+    return digest.hexdigest()[:12]
 
 
 def spec_digest(spec: SweepSpec) -> str:

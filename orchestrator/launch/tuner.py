@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from orchestrator.launch.autoscaler_request import AutoscalerRequest, cancel_request, requester_id
 from orchestrator.launch.concurrency import ClusterConcurrencyLimiter, PlanSearcher
 from orchestrator.launch.console import SweepConsole
-from orchestrator.launch.parent_run import abandon_launch, finish_launch
+from orchestrator.launch.parent_run import abandon_launch, fail_launch, finish_launch
 from orchestrator.launch.record import Launch, LaunchRecord, storage_uri
 from orchestrator.spec.cluster import worker_bundle
 from orchestrator.spec.plan import SweepPlan
@@ -47,10 +47,15 @@ def resourced_trainable(spec: SweepSpec) -> Any:
     With workers > 1 the trial is run_distributed_trial, a driver that holds no CPU or GPU of
     its own: its TorchTrainer's workers ask for theirs (orchestrator/trials/distributed.py)."""
     r = spec.resources
+    # Every report carries what the search and the scheduler read (orchestrator/trials/reporting.py).
     if not r.distributed:
-        return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
+        return tune.with_resources(
+            tune.with_parameters(run_trial, report_metrics=spec.tune_metrics), {"cpu": r.cpu, "gpu": r.gpu}
+        )
     driver = tune.with_parameters(
-        run_distributed_trial, scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker)
+        run_distributed_trial,
+        scaling_config=scaling(r.workers, r.cpu_per_worker, r.gpu_per_worker),
+        report_metrics=spec.tune_metrics,
     )
     # Tune refuses a trial without any resource: the driver asks for a token of memory, no CPU,
     # so that a trial's workers fit where their CPUs alone fit; and a sliver of the head.
@@ -134,6 +139,17 @@ def build_tuner(
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
+def scheduler_summary(spec: SweepSpec) -> tuple[str, str]:
+    """How a stopped trial's run names the scheduler that stopped it, and the metric it read."""
+    s = spec.scheduler
+    if s is None:
+        return "", ""
+    return (
+        f"ASHA on {s.metric} ({s.mode}; grace period {s.grace_period} steps, reduction factor {s.reduction_factor:g})",
+        s.metric,
+    )
+
+
 def grid_cells(trials: Sequence[Any], space: dict[str, Any]) -> list[dict[str, Any]]:
     """Distinct grid assignments (searched keys removed), in plan order."""
     cells: list[dict[str, Any]] = []
@@ -160,7 +176,10 @@ def fit_launch(
             resume_errored=False,
         )
     else:
-        context = SweepContext(launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit)
+        context = SweepContext(
+            launch.tracking_uri, record.experiment_id, record.parent_run_id, launch.commit,
+            *scheduler_summary(launch.spec),
+        )
         tuner = build_tuner(launch.spec, launch.plan, context, launch.name, launch.verbose, ask_autoscaler)
     # Tune adds its TensorBoardX logger unless told not to; importing it pulls torch and boto3
     # into the driver (2-3 s of CPU while the first trials start) for event files nobody reads.
@@ -173,6 +192,9 @@ def fit_launch(
         results = tuner.fit()
     except KeyboardInterrupt:
         abandon_launch(client, record)
+        raise
+    except Exception as error:
+        fail_launch(client, record, error)
         raise
     finally:
         if ask_autoscaler:

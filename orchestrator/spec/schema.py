@@ -13,25 +13,27 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Mapping, Sequence
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.spec.cost import CostConfig
 from orchestrator.spec.dotted import get_dotted, set_dotted
 from orchestrator.spec.errors import SpecError
+from orchestrator.spec.metrics import metric_problem
 from orchestrator.spec.overrides import (
     apply_overrides,
     first_problem,
     read_yaml,
     schema_path_problem,
+)
+from orchestrator.spec.search import (  # noqa: F401 (describe_param: plan.py imports it from here)
+    Block,
+    ChoiceParam,
+    IntParam,
+    SchedulerConfig,
+    SearchConfig,
+    describe_param,
 )
 from orchestrator.stores.s3 import has_credentials_in_url
 from trainers.config import TrainConfig
@@ -41,89 +43,6 @@ SEED_AXIS = "seed"  # the seeds list is crossed with the grid as this axis (a pa
 MAX_TRIALS = 10_000  # more grid trials than this is a typo in a list, not a study
 USE_AWS_CHAIN = "remove them and use the standard AWS chain (AWS_PROFILE, AWS_* variables, an instance role)"
 STORAGE_SCHEMES = ("s3",)  # besides a local directory: what the preflight checks and the tests cover
-REPORTED_METRICS = (names.VAL_LOSS, names.VAL_TOP1, names.TRAIN_LOSS)
-
-
-def check_metric(metric: str) -> str:
-    """A metric the trainer reports: one of REPORTED_METRICS or any probe/... name."""
-    if metric in REPORTED_METRICS or metric.startswith(f"{names.PREFIX}/"):
-        return metric
-    raise ValueError(f"unknown metric; use one of {', '.join(REPORTED_METRICS)} or a {names.PREFIX}/... name")
-
-
-class Block(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# ----------------------------------------------------------------------------- search
-
-
-class _Range(Block):
-    @model_validator(mode="after")
-    def _ordered(self) -> "_Range":
-        if self.high <= self.low:  # type: ignore[attr-defined]
-            raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")  # type: ignore[attr-defined]
-        return self
-
-
-class UniformParam(_Range):
-    type: Literal["uniform"]
-    low: float
-    high: float
-
-
-class LogUniformParam(_Range):
-    type: Literal["loguniform"]
-    low: float = Field(gt=0)
-    high: float
-
-
-class IntParam(_Range):
-    """Integers from low to high, both included (the launcher asks Tune for randint(low, high + 1))."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-
-
-class ChoiceParam(Block):
-    type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
-
-
-SearchParam = Annotated[Union[UniformParam, LogUniformParam, IntParam, ChoiceParam], Field(discriminator="type")]
-SEARCH_PARAM_TYPES: dict[str, type[BaseModel]] = {
-    "uniform": UniformParam, "loguniform": LogUniformParam, "int": IntParam, "choice": ChoiceParam,
-}
-
-
-def describe_param(param: BaseModel) -> str:
-    """'loguniform[0.0001, 0.003]', 'int[1, 8]', 'choice{a, b}': how a searched key shows in a plan."""
-    if isinstance(param, ChoiceParam):
-        return "choice{" + ", ".join(str(v) for v in param.values) + "}"
-    if isinstance(param, IntParam):
-        return f"int[{param.low}, {param.high}]"
-    return f"{param.type}[{param.low:g}, {param.high:g}]"  # type: ignore[attr-defined]
-
-
-class SearchConfig(Block):
-    num_samples: int = Field(ge=1, description="trials per grid cell")
-    metric: str
-    mode: Literal["min", "max"]
-    space: dict[str, SearchParam] = Field(min_length=1)
-
-    _metric = field_validator("metric")(check_metric)
-
-
-class SchedulerConfig(Block):
-    type: Literal["asha"] = "asha"
-    metric: str
-    mode: Literal["min", "max"]
-    grace_period: int = Field(ge=1, description="training steps before a trial can be stopped")
-    reduction_factor: float = Field(default=3, gt=1)
-    allow_steps_axis: bool = False
-
-    _metric = field_validator("metric")(check_metric)
 
 
 # ----------------------------------------------------------------------------- resources, tracking
@@ -226,6 +145,11 @@ class SweepSpec(Block):
         return {**self.grid, SEED_AXIS: list(self.seeds)}
 
     @property
+    def tune_metrics(self) -> tuple[str, ...]:
+        """The metrics the search and the scheduler read from every report of every trial."""
+        return tuple(dict.fromkeys(b.metric for b in (self.search, self.scheduler) if b is not None))
+
+    @property
     def storage_path(self) -> str:
         """Tune's storage_path: a URL as written, or a local directory made absolute."""
         if "://" in self.storage:
@@ -254,8 +178,10 @@ class SweepSpec(Block):
         _check_grid(self)
         if self.search is not None:
             _check_search(self, self.search)
+            _check_reported(self, "search.metric", self.search.metric)
         if self.scheduler is not None:
             _check_scheduler(self, self.scheduler)
+            _check_reported(self, "scheduler.metric", self.scheduler.metric)
         _check_storage(self.storage)
         return self
 
@@ -376,6 +302,28 @@ def _check_scheduler(spec: SweepSpec, scheduler: SchedulerConfig) -> None:
             f" ({scheduler.grace_period}) so ASHA can compare trials while they run",
             scheduler.metric,
         )
+
+
+def _check_reported(spec: SweepSpec, where: str, metric: str) -> None:
+    """Tune stops the whole sweep at a report without the metric: refuse it here instead, for
+    every trial the grid makes and every value the search may give a key."""
+    searched = [{}] if spec.search is None else [{}] + [
+        {key: value} for key, param in spec.search.space.items() for value in _searched_values(param)
+    ]
+    for assignment in spec.assignments():
+        for values in searched:
+            trial = {**assignment, **values}
+            problem = metric_problem(spec.trial_config(trial), metric)
+            if problem:
+                raise SpecError(where, f"{metric!r} {problem}, in the trial {_describe(trial)}")
+
+
+def _searched_values(param: BaseModel) -> list[Any]:
+    if isinstance(param, ChoiceParam):
+        return list(param.values)
+    if isinstance(param, IntParam):
+        return [param.low, param.high]
+    return []  # a float range changes no metric name
 
 
 def _check_storage(storage: str) -> None:

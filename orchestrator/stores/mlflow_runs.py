@@ -31,6 +31,10 @@ RUN_NAME_TAG = "mlflow.runName"
 FAILURE_TAG = "failure_reason"
 CHECKPOINT_TAG = "checkpoint_uri"
 RETRIES_TAG = "retries"  # how many times Tune restarted the trial from its last checkpoint
+# A trial the sweep's scheduler (ASHA) stopped before its last step: the step it reached, and why.
+# Its run is FINISHED, but its metrics are those of a shorter run than its axis.steps says.
+STOPPED_AT_STEP_TAG = "stopped_early.step"
+STOPPED_REASON_TAG = "stopped_early.reason"
 DIVERGED_PREFIX = "non-finite loss"
 
 

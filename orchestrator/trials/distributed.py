@@ -19,14 +19,15 @@ path) and every rank restores the latest checkpoint: the same as a resumed sweep
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from orchestrator.trials.records import RECORDS_KEY, RESTORED_TAG, WORKER_HOST_TAG, WORKER_PID_TAG, RecordBuffer
+from orchestrator.trials.reporting import LatestMetrics, measure_missing
+
+REPORT_METRICS_KEY = "report_metrics"  # in train_loop_config: what the search and scheduler read
 
 TRAIN_RUN_NAME = "train"  # the Ray Train run's directory inside the Tune trial's directory
 
@@ -39,7 +40,9 @@ def scaling(workers: int, cpu_per_worker: float, gpu_per_worker: float) -> dict[
     return {"num_workers": workers, "use_gpu": gpu_per_worker > 0, "resources_per_worker": resources}
 
 
-def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]) -> None:
+def run_distributed_trial(
+    config: dict[str, Any], scaling_config: dict[str, Any], report_metrics: Sequence[str] = ()
+) -> None:
     """The Tune trial's driver: one TorchTrainer.fit per attempt."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train._internal.session import get_session
@@ -57,7 +60,7 @@ def run_distributed_trial(config: dict[str, Any], scaling_config: dict[str, Any]
     storage = get_session().storage  # the Tune trial's directory, local or s3://
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=config,
+        train_loop_config={**config, REPORT_METRICS_KEY: list(report_metrics)},
         scaling_config=ScalingConfig(**scaling_config),
         torch_config=DeviceTorchConfig(),  # NCCL only where the workers see CUDA (process_group.py)
         run_config=RunConfig(
@@ -77,7 +80,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from orchestrator.trials.process_group import worker_device
-    from orchestrator.trials.trainable import NUM_CLASSES_TAG, REPORTED_METRICS_FILE, trial_config
+    from orchestrator.trials.trainable import NUM_CLASSES_TAG, trial_config
     from trainers.loop import Trainer
 
     context = ray.train.get_context()
@@ -89,14 +92,15 @@ def train_worker(config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, worker_device(), rank=rank, world_size=world_size)
     if rank == 0:
         records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
+    tracker = LatestMetrics(records)  # rank 0's is the one reported (the loop measures on rank 0 only)
 
-    def report(metrics: dict[str, Any], step: int, directory: str | None) -> None:
+    def report(step: int, directory: str | None) -> None:
         # Every rank reports (Ray Train waits for all); rank 0's report, with its checkpoint
         # and records, is the one TuneReportCallback passes to the Tune trial.
         if rank != 0:
             ray.train.report({"step": step})
             return
-        report = {**metrics, "step": step, RECORDS_KEY: records.take()}
+        report = {**tracker.latest, "step": step, RECORDS_KEY: records.take()}
         checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
 
@@ -104,22 +108,22 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)  # every rank restores the same state
-            reported = Path(directory, REPORTED_METRICS_FILE)
-            last_metrics = json.loads(reported.read_text()) if reported.exists() else {}
+            tracker = LatestMetrics(records, LatestMetrics.saved(directory))
         if rank == 0:
             records.set_tags({RESTORED_TAG: str(trainer.step)})
         if trainer.step >= cfg.steps:
             # Finished before the sweep's driver recorded it: report the result again.
-            report(last_metrics, trainer.step, None)
+            report(trainer.step, None)
             return
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
         if rank != 0:
-            report(metrics, step, None)
+            report(step, None)
             return
+        measure_missing(trainer, tracker, config.get(REPORT_METRICS_KEY, ()))
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)
-            Path(directory, REPORTED_METRICS_FILE).write_text(json.dumps(metrics))
-            report(metrics, step, directory)
+            tracker.save(directory)
+            report(step, directory)
 
-    trainer.fit(records, on_checkpoint)
+    trainer.fit(tracker, on_checkpoint)

@@ -8,7 +8,9 @@ In Ray 2.60 the controller calls `on_trial_recover` when it will retry a failed 
 (from its last checkpoint, in the same MLflow run) and `on_trial_error` only once it gives
 up (`_process_trial_failure` in ray/tune/execution/tune_controller.py). So a retry only
 counts up the run's `retries` tag, and only a final error marks the run FAILED with the
-reason. When a trial completes, this records where its final checkpoint lives.
+reason. When a trial completes, this records where its final checkpoint lives, and when the
+sweep's scheduler stopped it before its last step, that step and why (the analysis leaves such
+runs out of its final-length tables).
 
 Tune retries every error alike and has no hook to skip a retry. A diverged trial would
 train again from its last checkpoint and diverge again, up to `max_failures` times, so
@@ -37,6 +39,8 @@ from orchestrator.stores.mlflow_runs import (
     DIVERGED_PREFIX,
     FAILURE_TAG,
     RETRIES_TAG,
+    STOPPED_AT_STEP_TAG,
+    STOPPED_REASON_TAG,
     TrialRun,
     flatten,
 )
@@ -62,6 +66,10 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     git_commit: str
+    # The scheduler that may stop trials early, as a stopped run's reason names it ('' = none).
+    # A default, so that a context pickled in an older launch's Tune state still loads.
+    scheduler: str = ""
+    scheduler_metric: str = ""
 
 
 def checkpoint_uri(trial: Trial) -> str | None:
@@ -168,11 +176,32 @@ class MlflowTrialLogger(Callback):
         run = self.trial_run(trial)
         if run.status != "FINISHED":
             run.finish("FINISHED")
+        stopped = self.stopped_early(trial)
+        if stopped and STOPPED_AT_STEP_TAG not in run.tags:
+            run.set_tags(stopped)
         uri = checkpoint_uri(trial)
         # First completion wins: a trial that finished just before a driver crash is
         # reported again on resume, possibly with an older checkpoint from Tune's state.
         if uri and CHECKPOINT_TAG not in run.tags:
             run.set_tags({CHECKPOINT_TAG: uri})
+
+    def stopped_early(self, trial: Trial) -> dict[str, str]:
+        """The tags of a trial that completed before its last step: only the sweep's scheduler
+        stops a trial early (the launch sets no other stopper), and it decides on a report."""
+        last = trial.last_result or {}
+        step = last.get("step")
+        steps = trial_config(trial.config["train"], trial.config["trial"]["axes"]).steps
+        if not isinstance(step, (int, float)) or step >= steps:
+            return {}
+        metric = self.context.scheduler_metric
+        value = last.get(metric) if metric else None
+        measured = f" with {metric} = {value:.4g}" if isinstance(value, (int, float)) else ""
+        scheduler = self.context.scheduler or "the sweep's scheduler"
+        return {
+            STOPPED_AT_STEP_TAG: str(int(step)),
+            STOPPED_REASON_TAG: f"stopped by {scheduler} at step {int(step)} of {steps}{measured}: "
+            "below its rung's cutoff",
+        }
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         diverged = diverged_message(error_text(trial))

@@ -1,7 +1,8 @@
 """The Ray Tune trainable: a thin adapter between Tune's config dict and trainers/.
 
 It builds the typed TrainConfig, restores the checkpoint Tune hands back after a failure
-or a resumed sweep, runs the loop, and reports to Tune at every checkpoint point. It never
+or a resumed sweep, runs the loop, and reports to Tune at every checkpoint point, with the
+latest value of every metric (orchestrator/trials/reporting.py). It never
 touches MLflow: what the trial measures rides along with each report (orchestrator/trials/records.py)
 and the driver's callback writes it to the trial's one MLflow run (orchestrator/trials/mlflow_logger.py).
 Workers therefore import no MLflow; tests/test_launch_imports.py checks it.
@@ -10,12 +11,10 @@ Workers therefore import no MLflow; tests/test_launch_imports.py checks it.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import tempfile
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ray import tune
 
@@ -28,6 +27,7 @@ from orchestrator.trials.records import (
     WORKER_PID_TAG,
     RecordBuffer,
 )
+from orchestrator.trials.reporting import REPORTED_METRICS_FILE, LatestMetrics, measure_missing  # noqa: F401
 from trainers.config import TrainConfig
 
 # Tune config layout, written by orchestrator/launch/tuner.py:
@@ -37,10 +37,6 @@ from trainers.config import TrainConfig
 DIVERGED_KEY = "diverged"
 
 NUM_CLASSES_TAG = "data.num_classes"  # read back by orchestrator/analyze/learning.py
-
-# Beside the model state in every checkpoint: the metrics reported with it, reported again
-# when a restored trial turns out to be complete.
-REPORTED_METRICS_FILE = "reported_metrics.json"
 
 
 def trial_config(base: Mapping[str, Any], axes: Mapping[str, Any]) -> TrainConfig:
@@ -86,7 +82,9 @@ def trial_device() -> Any:
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], report_metrics: Sequence[str] = ()) -> None:
+    """One trial in one process. report_metrics: what the sweep's search and scheduler read
+    from every report (orchestrator/launch/tuner.py passes them with tune.with_parameters)."""
     # torch and timm load here, in the trial's worker, not in the driver that only pickles this function.
     from trainers.loop import NonFiniteLossError, Trainer
 
@@ -102,26 +100,27 @@ def run_trial(config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, trial_device())
     # Chance level for the analysis: 1 / the classes of the data actually loaded.
     records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
+    tracker = LatestMetrics(records)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
-            reported = Path(directory, REPORTED_METRICS_FILE)
-            last_metrics = json.loads(reported.read_text()) if reported.exists() else {}
+            tracker = LatestMetrics(records, LatestMetrics.saved(directory))
         records.set_tags({RESTORED_TAG: str(trainer.step)})
         if trainer.step >= cfg.steps:
             # The trial had finished, but the driver was killed before Tune's experiment
             # state recorded it: report its result again instead of re-training.
-            tune.report({**last_metrics, "step": trainer.step, RECORDS_KEY: records.take()})
+            tune.report({**tracker.latest, "step": trainer.step, RECORDS_KEY: records.take()})
             return
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        measure_missing(trainer, tracker, report_metrics)
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)
-            Path(directory, REPORTED_METRICS_FILE).write_text(json.dumps(metrics))
-            report = {**metrics, "step": step, RECORDS_KEY: records.take()}
+            tracker.save(directory)
+            report = {**tracker.latest, "step": step, RECORDS_KEY: records.take()}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
 
     # A NonFiniteLossError ends the attempt like any error; the driver's callback marks the
     # trial diverged so that its retries stop at once, and records the reason.
-    trainer.fit(records, on_checkpoint)
+    trainer.fit(tracker, on_checkpoint)

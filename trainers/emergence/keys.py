@@ -36,8 +36,9 @@ CHECKPOINT_BEFORE = "emergence.checkpoint_before_step"  # the kept checkpoint ne
 CHECKPOINT_AFTER = "emergence.checkpoint_after_step"  # ... and nearest at or after it
 # A trial that ended before its configured length, and why. The same pair a scheduler's early
 # stop carries, so the analysis leaves every such trial out of its full-length tables alike.
-STOPPED_AT_STEP = "stopped_at_step"
-STOP_REASON = "stop_reason"
+# (orchestrator/stores/mlflow_runs.py writes the scheduler's; the analysis reads both alike.)
+STOPPED_AT_STEP = "stopped_early.step"
+STOP_REASON = "stopped_early.reason"
 
 STATUS_EMERGED = "emerged"
 STATUS_NONE = "none"
