@@ -75,10 +75,11 @@ class ModelConfig(Strict):
         if self.register_depth >= depth:
             raise ValueError(f"register_depth {self.register_depth} is no block of a {depth}-block model (0 to {depth - 1})")
         if self.register_depth and not self.num_registers:
-            # Refused rather than ignored: a grid crossing depths with 0 registers would train identical models.
+            # Refused rather than ignored: a depth names where registers enter. (A grid that crosses depths
+        # with a register axis keeps its no-register cell once, at depth 0: orchestrator/spec/cells.py.)
             raise ValueError(
                 f"register_depth {self.register_depth} places registers, but num_registers is 0 "
-                "(a no-register baseline is its own launch with register_depth 0: see sweeps/register_depth.yaml)"
+                "(a grid may cross model.num_registers [0, N] with depths: its no-register cell is kept once; see sweeps/register_depth.yaml)"
             )
         return self
 

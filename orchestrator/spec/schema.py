@@ -17,6 +17,7 @@ from typing import Annotated, Any, Mapping, Sequence
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.spec.cells import DEPTH_KEY, REGISTERS_KEY, distinct_cells
 from orchestrator.spec.cost import CostConfig
 from orchestrator.spec.dotted import get_dotted, set_dotted
 from orchestrator.spec.errors import SpecError
@@ -157,9 +158,11 @@ class SweepSpec(Block):
         return str(Path(self.storage).expanduser().resolve())
 
     def assignments(self) -> list[dict[str, Any]]:
-        """The cross product of all axes, first axis slowest: one dict per grid cell."""
+        """The cross product of all axes, first axis slowest: one dict per grid cell. Cells that
+        name the same model (a register depth without registers) are one cell (spec/cells.py)."""
         axes = self.axes
-        return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+        cells = (dict(zip(axes, values)) for values in itertools.product(*axes.values()))
+        return distinct_cells(cells, self.train.model.num_registers)
 
     def trial_config(self, assignment: Mapping[str, Any]) -> TrainConfig:
         """The base train config with dotted assignments applied, validated (SpecError if invalid)."""
@@ -211,6 +214,16 @@ def _check_seeds(seeds: list[int]) -> None:
         raise SpecError("seeds", "duplicate seeds would repeat identical trials", seeds)
 
 
+def _alone(spec: SweepSpec, key: str, value: Any) -> dict[str, Any]:
+    """The assignment that checks one axis value by itself. A register depth crossed with a register
+    axis is checked as it is where it has registers (at least one): cells without registers keep
+    no depth (spec/cells.py). Any other key alone."""
+    counts = spec.grid.get(REGISTERS_KEY)
+    if key == DEPTH_KEY and counts:
+        return {key: value, REGISTERS_KEY: max(1, *counts)}
+    return {key: value}
+
+
 def _check_grid(spec: SweepSpec) -> None:
     for key, values in spec.grid.items():
         where = f"grid.{key}"
@@ -224,7 +237,8 @@ def _check_grid(spec: SweepSpec) -> None:
         for i, value in enumerate(values):
             if value in values[:i]:
                 raise SpecError(where, "duplicate value would repeat identical trials", value)
-            cfg, problem = _try_train(spec.train, {key: value})
+            # Alone, a depth with the base's 0 registers would be refused: the grid may cross it with counts.
+            cfg, problem = _try_train(spec.train, _alone(spec, key, value))
             if cfg is None:
                 raise SpecError(where, _strip_own_key(problem, key), value)
             canonical = get_dotted(cfg.model_dump(), key)
@@ -265,7 +279,8 @@ def _check_search(spec: SweepSpec, search: SearchConfig) -> None:
         else:  # floats: Tune samples floats even when the bounds are written as integers
             probes = {"low": float(param.low), "high": float(param.high)}  # type: ignore[attr-defined]
         for field, value in probes.items():
-            cfg, problem = _try_train(spec.train, {key: value})
+            # Alone, a depth with the base's 0 registers would be refused: the grid may cross it with counts.
+            cfg, problem = _try_train(spec.train, _alone(spec, key, value))
             if cfg is None:
                 raise SpecError(f"{where}.{field}", _strip_own_key(problem, key), value)
 
