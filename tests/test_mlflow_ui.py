@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from playwright.sync_api import sync_playwright
 
 from orchestrator.stores.axes import STUDY_AXES
 from orchestrator.stores.mlflow_ui import runs_view_url
