@@ -10,10 +10,16 @@ state (teacher, centres, temperature), every RNG state and the step.
 Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes that share
 an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
 up; this package never imports Ray). Every rank draws the same global batch for step s and
-trains its own contiguous 1/n of it through PyTorch DDP, which averages the gradients over
-the ranks before clipping: with equal shares that is the gradient of the mean loss over the
-global batch, so the update equals one process's on the whole global batch. Rank 0 alone
-evaluates, probes and measures; the caller saves checkpoints from rank 0 and every rank loads.
+trains its own contiguous 1/n of it through PyTorch DDP around the objective's trained
+modules, which averages the gradients over the ranks before clipping: with equal shares that
+is the gradient of the mean loss over the global batch, so the update equals one process's on
+the whole global batch (DINO's KoLeo term aside, which DINOv2 computes per rank; the
+objectives gather their batch statistics themselves). Rank 0 alone evaluates, probes and
+measures; the caller saves checkpoints from rank 0 and every rank loads.
+
+Randomness: every rank seeds alike before the networks are built (identical initial weights,
+as DDP needs); each training step then reseeds torch from (seed, rank, step), so dropout and
+drop path differ between ranks and a resumed run draws exactly the masks it would have drawn.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import numpy as np
 import torch
 
 from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
+from trainers.compile import CompileMonitor, compiled, reset_compiler
 from trainers.config import TrainConfig, data_parallel_problem
 from trainers.data import build_data
 from trainers.data.base import Batch
+from trainers.data.sampling import derive_seed
 from trainers.objectives import build_objective
 from trainers.probes import names
 from trainers.schedule import warmup_cosine
@@ -83,6 +91,12 @@ class Trainer:
             problem = data_parallel_problem(cfg, world_size)
             if problem:
                 raise ValueError(problem)
+        # Dynamo's caches and recompile limit are process-wide: a reused Tune actor's earlier
+        # trials would push this one over the limit, and it would silently run eagerly.
+        self.compile_monitor = None
+        if cfg.compile:
+            reset_compiler()
+            self.compile_monitor = CompileMonitor()
         # Every rank seeds alike: the same initial weights everywhere, as DDP needs.
         seed_everything(cfg.seed)
         # DINO and 3-Augment make their own crops on the device: real images come without the random crop then.
@@ -92,17 +106,20 @@ class Trainer:
         self.objective.share = (rank, world_size)
         self.model = self.objective.model  # the trained ViT (classifier, DINO student, CLIP image tower)
         if cfg.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            self.objective.set_grad_checkpointing(True)
         if world_size > 1:
-            # PyTorch DDP: the supervised objective's forward runs through the wrapper, whose
-            # backward averages the gradients over the ranks (in buckets, overlapped with the
-            # backward pass). self.model stays the bare ViT: checkpoints, evaluation and probes
-            # see the same module and state_dict keys as in one process.
+            # PyTorch DDP: the objective's step runs its trained modules through the wrapper,
+            # whose backward averages the gradients over the ranks (in buckets, overlapped with
+            # the backward pass). self.model and the objective's modules stay bare: checkpoints,
+            # evaluation and probes see the same modules and state_dict keys as in one process.
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
-            ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
-            self.objective.forward = torch.compile(ddp) if cfg.compile else ddp
+            ddp = DistributedDataParallel(
+                self.objective.trainable(), device_ids=ids, broadcast_buffers=False,
+                find_unused_parameters=self.objective.unused_parameters,
+            )
+            self.objective.forward = compiled(ddp, cfg.compile_backend) if cfg.compile and self.objective.name == "supervised" else ddp
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -140,6 +157,8 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step. Returns the loss as a device tensor (no host sync)."""
         self.objective.train()
+        # Dropout and drop path of (rank, step): other masks on each rank, the same after a resume.
+        torch.manual_seed(derive_seed(self.cfg.seed, "dropout", self.rank, self.step))
         with self._autocast():
             loss = self.objective.loss(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,6 +225,8 @@ class Trainer:
                         names.TRAIN_LOSS: float(loss_sum) / losses_in_window,
                         names.TRAIN_LR: self.scheduler.get_last_lr()[0],
                         **self.objective.log_values(),  # loss terms and schedules of the last step
+                        # Whether compiling worked: a trial that fell back to eager says so in its run.
+                        **(self.compile_monitor.counts().as_metrics() if self.compile_monitor else {}),
                     },
                     self.step,
                 )
@@ -256,7 +277,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             # Teacher, heads, centres, text tower, temperature: tensors and numbers only.
             "objective": self.objective.state_dict(),
-            "rng": rng_state(),  # tensors and plain values: the file loads with weights_only=True
+            "rng": rng_state(self.device),  # tensors and plain values: the file loads with weights_only=True
             "config": self.cfg.model_dump(),
         }
 
@@ -266,7 +287,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = int(state["step"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.device)
 
     def save(self, directory: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""
