@@ -210,7 +210,8 @@ class Trainer:
             self.step += 1
             done = self.step == cfg.steps
 
-            if self.step % cfg.log_every == 0 or done:
+            log_now = self.step % cfg.log_every == 0 or done
+            if log_now:
                 # The only host sync in the hot loop, once per log window.
                 if self.world_size > 1:
                     # The logged loss is the global batch's mean, as in one process, and every
@@ -225,8 +226,6 @@ class Trainer:
                         names.TRAIN_LOSS: float(loss_sum) / losses_in_window,
                         names.TRAIN_LR: self.scheduler.get_last_lr()[0],
                         **self.objective.log_values(),  # loss terms and schedules of the last step
-                        # Whether compiling worked: a trial that fell back to eager says so in its run.
-                        **(self.compile_monitor.counts().as_metrics() if self.compile_monitor else {}),
                     },
                     self.step,
                 )
@@ -238,6 +237,9 @@ class Trainer:
             if evaluate and self.rank == 0:
                 metrics = self.evaluate()
                 tracker.log_metrics(metrics, self.step)
+            if log_now and self.compile_monitor is not None:
+                # What dynamo did so far, evaluation included: a trial that fell back to eager says so in its run.
+                tracker.log_metrics(self.compile_monitor.counts().as_metrics(), self.step)
             if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done)):
                 on_checkpoint(self.step, metrics)
         return metrics
