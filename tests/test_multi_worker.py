@@ -179,13 +179,13 @@ DINO = {
 CLIP = {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 20}
 # How far 2 ranks may drift from one process, relative, over a trajectory. Every objective's
 # first logged step (5) agrees to float order (1e-6 measured: DDP and the all-reduces sum in
-# another order than one process). Supervised and CLIP stay there (measured 1e-6 to 2e-5 by
+# another order than one process). Supervised and CLIP stay near it (measured: CLIP at most 7e-6 per step over 40 steps, supervised 2e-5 by
 # step 65). DINO amplifies those last-bit differences: the teacher's Sinkhorn-Knopp at
 # temperature 0.04 scales logit differences by 25 every step, so from step 8 on the two runs
 # separate by about tenfold every 8 steps, to 1e-3 at step 40 (measured, koleo off); a real
 # mistake (a centring not reduced, a share of the wrong views) shows at step 1 as 1e-2 or more.
 FIRST_STEP_REL = 1e-5
-TRAJECTORY_REL = {"supervised": 1e-5, "clip": 1e-5, "dino": 5e-3}
+TRAJECTORY_REL = {"supervised": 1e-5, "clip": 2e-5, "dino": 5e-3}
 
 
 class Losses:
