@@ -141,7 +141,7 @@ def test_views_of_a_share_are_the_global_views_rows() -> None:
     rows = torch.arange(2 * b).view(2 * b, 1)  # crop c of image i at row c * b + i
     local = torch.arange(3 * b).view(3 * b, 1)
     views = Views(rows, local, rows.bool())
-    second = share_of_views(views, 1, 2)
+    second = share_of_views(views, 1, 2, local_crops=3)
     assert second.global_crops.flatten().tolist() == [2, 3, 6, 7]
     assert second.local_crops.flatten().tolist() == [2, 3, 6, 7, 10, 11]
-    assert share_of_views(views, 0, 1) is views
+    assert share_of_views(views, 0, 1, local_crops=3) is views

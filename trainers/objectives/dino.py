@@ -98,26 +98,25 @@ class DinoNetworks(nn.ModuleDict):
 @torch.no_grad()
 def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher <- m teacher + (1 - m) student, parameter by parameter (lightly's update_momentum),
-    in two fused foreach calls as DINOv2 does instead of two small kernels per tensor."""
+    in two multi-tensor (foreach) calls as DINOv2 does, not two small kernels per tensor."""
     teacher_params = list(teacher.parameters())
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, list(student.parameters()), alpha=1.0 - momentum)
 
 
-def share_of_views(views: Views, rank: int, ranks: int) -> Views:
+def share_of_views(views: Views, rank: int, ranks: int, local_crops: int) -> Views:
     """Rank r's contiguous share of each crop's images (crop c of image b is row c * B + b)."""
     if ranks == 1:
         return views
 
-    def share(rows: torch.Tensor | None, copies: int) -> torch.Tensor | None:
-        if rows is None:
-            return None
+    def share(rows: torch.Tensor, copies: int) -> torch.Tensor:
         per_copy = rows.unflatten(0, (copies, -1))
         size = per_copy.shape[1] // ranks
         return per_copy[:, rank * size : (rank + 1) * size].flatten(0, 1)
 
-    local = None if views.local_crops is None else views.local_crops.shape[0] // (views.global_crops.shape[0] // 2)
-    return Views(share(views.global_crops, 2), share(views.local_crops, local or 1), share(views.masks, 2))  # type: ignore[arg-type]
+    local = None if views.local_crops is None else share(views.local_crops, local_crops)
+    masks = None if views.masks is None else share(views.masks, 2)
+    return Views(share(views.global_crops, 2), local, masks)
 
 
 class DinoObjective(Objective):
@@ -200,7 +199,7 @@ class DinoObjective(Objective):
             mask_ratio=d.ibot_mask_ratio, mask_probability=d.ibot_mask_probability, with_masks=d.ibot_weight > 0,
             jitter=d.colour_jitter,
         )
-        return share_of_views(views, *self.share)
+        return share_of_views(views, *self.share, local_crops=d.local_crops)
 
     def mask_slots(self, rows: int) -> int:
         """Slots for the masked patches of `rows` global crops: at most the masked images of the
