@@ -27,13 +27,16 @@ CPU = torch.device("cpu")
 REGISTERS = [0, 1, 2, 4, 8, 16, 0, 1, 2, 4]  # ten trials, as a sweep's grid sends them to one actor
 
 
-def compiled_trial(registers: int, backend: str = "eager") -> dict[str, float]:
+def compiled_trial(registers: int, kept: list[Trainer] | None = None) -> dict[str, float]:
     """One trial as a reused actor runs it: build, train 2 steps, evaluate; its last compile counts."""
     train = tiny_spec(Path("."))["train"]
     train["model"]["num_registers"] = registers
-    cfg = TrainConfig.model_validate({**train, "steps": 2, "eval_every": 2, "compile": True, "compile_backend": backend})
+    cfg = TrainConfig.model_validate({**train, "steps": 2, "eval_every": 2, "compile": True, "compile_backend": "eager"})
     tracker = MemoryTracker()
-    Trainer(cfg, CPU).fit(tracker)
+    trainer = Trainer(cfg, CPU)
+    trainer.fit(tracker)
+    if kept is not None:
+        kept.append(trainer)
     return {key: tracker.history(key)[-1][1] for key in (COMPILE_FRAMES, COMPILE_RECOMPILES, COMPILE_FALLBACKS)}
 
 
@@ -46,16 +49,20 @@ def test_ten_trials_in_one_process_stay_compiled() -> None:
 
 
 def test_without_the_reset_a_later_trial_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The control: what the reset prevents. Some trial falls back, and the ones after it compile nothing.
+    # The control: what the reset prevents. Some trial falls back, and the ones after it compile
+    # nothing. The earlier trials' models are kept alive here: dynamo drops a model's cache
+    # entries when the model is garbage-collected, which in a long-lived actor may or may not
+    # have happened (in this test process it depends on when the collector runs).
     torch._dynamo.reset()
     monkeypatch.setattr("trainers.loop.reset_compiler", lambda: None)
-    counts = []
+    counts: list[dict[str, float]] = []
+    kept: list[Trainer] = []
     for registers in REGISTERS:
-        counts.append(compiled_trial(registers))
+        counts.append(compiled_trial(registers, kept))
         if counts[-1][COMPILE_FALLBACKS]:
             break
     assert counts[-1][COMPILE_FALLBACKS] > 0, counts
-    assert compiled_trial(REGISTERS[0])[COMPILE_FRAMES] == 0  # silently eager from here on
+    assert compiled_trial(REGISTERS[0], kept)[COMPILE_FRAMES] == 0  # silently eager from here on
     torch._dynamo.reset()
 
 
