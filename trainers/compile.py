@@ -6,7 +6,9 @@ object) are process-wide. A Tune actor reused for several trials (reuse_actors) 
 after a handful of trials the limit is hit and dynamo silently runs the code eagerly for the
 rest of the process. So every compiled trial starts with `torch._dynamo.reset()`, and the
 trainer logs what dynamo did (`CompileCounts`), so that a trial that fell back says so in its
-run instead of just being slow.
+run instead of just being slow. (Importing `timm.optim`, as the LAMB recipe does, sets
+`torch._dynamo.config.cache_size_limit` to 1,000,000 for the whole process: after a LAMB trial
+the limit no longer stops anything, and without the reset every trial's graphs would pile up.)
 
 Backends: `inductor` (the default, and what a GPU trial wants), `aot_eager` (traces forward and
 backward like inductor but runs the traced ops: checks the same graphs in seconds on a CPU) and
@@ -41,16 +43,17 @@ def _frames() -> tuple[int, int]:
 
 
 def _recompiles() -> int:
-    # One entry per guard failure that made dynamo compile a code object again (cleared by reset).
-    from torch._dynamo.utils import guard_failures
+    # Compiles of a frame beyond its first: dynamo numbers them per frame ("[0/8]" is frame 0's
+    # ninth compile, the one its log shows when the limit of 8 is hit). Cleared by reset.
+    from torch._dynamo.convert_frame import FRAME_COMPILE_COUNTER
 
-    return sum(len(reasons) for reasons in guard_failures.values())
+    return sum(count - 1 for count in FRAME_COMPILE_COUNTER.values() if count > 1)
 
 
 @dataclass(frozen=True)
 class CompileCounts:
     frames: int  # frames dynamo tried to compile (first compiles and recompiles)
-    recompiles: int  # compiles caused by a guard failure (a new shape, mode or module)
+    recompiles: int  # frames compiled again for a code object seen before (a guard failed: shape, mode, module)
     fallbacks: int  # frames dynamo gave up on and ran eagerly (the recompile limit among the reasons)
 
     def as_metrics(self) -> dict[str, float]:
@@ -63,8 +66,10 @@ class CompileMonitor:
 
     def __init__(self) -> None:
         self._total, self._ok = _frames()
+        self._recompiles = _recompiles()
 
     def counts(self) -> CompileCounts:
         total, ok = _frames()
         frames, compiled_ok = total - self._total, ok - self._ok
-        return CompileCounts(frames=frames, recompiles=_recompiles(), fallbacks=frames - compiled_ok)
+        recompiles = _recompiles() - self._recompiles
+        return CompileCounts(frames=frames, recompiles=recompiles, fallbacks=frames - compiled_ok)
