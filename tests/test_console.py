@@ -36,7 +36,7 @@ def test_the_table_has_the_axes_as_columns_and_running_trials_first() -> None:
         make_trial(1, 16, 60, Trial.RUNNING, {"step": 30, names.VAL_TOP1: 0.5}),
         make_trial(2, 4, 120),
     ]
-    console.on_trial_result(0, trials, trials[1], {RECORDS_KEY: TrialRecords(metrics=[(names.TRAIN_LOSS, 0.25, 0, 30)])})
+    console.on_trial_result(0, trials, trials[1], {RECORDS_KEY: TrialRecords(metrics=[(names.TRAIN_LOSS, 0.25, 0, 30)]).to_report()})
     bar, header, *rows = console.render(trials)
     assert "1/4 trials done, 1 running, 2 waiting" in bar
     assert header.split() == ["registers", "size", "steps", "seed", "status", "step", "train", "loss", "val", "top-1", "artifacts"]

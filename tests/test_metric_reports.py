@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestrator.spec import metrics
-from orchestrator.trials.records import RecordBuffer
+from orchestrator.trials.records import RecordBuffer, TrialRecords
 from orchestrator.trials.reporting import LatestMetrics, measure_missing
 from trainers.config import ClipConfig, DataConfig, DinoConfig, ModelConfig, OptimConfig, ProbeConfig, TrainConfig
 from trainers.loop import Trainer
@@ -103,7 +103,7 @@ def test_every_report_carries_what_the_search_and_scheduler_need(needed: tuple[s
     for step, report in reports:
         assert set(needed) <= set(report), (step, sorted(set(needed) - set(report)))
     # A measurement made for a report is a real one: it is logged at that step like any other.
-    logged = {(key, step) for key, _, _, step in buffer.take().metrics}
+    logged = {(key, step) for key, _, _, step in TrialRecords.from_report(buffer.take()).metrics}
     for metric in needed:
         assert (metric, 2) in logged
     # Nothing is measured twice: the evaluation at 4 and the probe at 6 are the loop's own.

@@ -132,3 +132,35 @@ def test_objective_state_is_plain_tensors_and_numbers(objective: str) -> None:
         assert set(state["schedule"]) == {"teacher_temp", "momentum", "weight_decay"}
     else:
         assert torch.equal(fresh.objective.towers.logit_scale, trainer.objective.towers.logit_scale)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_bf16_autocast_trains_and_evaluates_every_objective(objective: str) -> None:
+    """precision: bf16 is CPU autocast here, as on a GPU: an autocast result written into an fp32
+    tensor fails on both (DINO's k-NN votes did, issue 22). Train steps, evaluation (k-NN, zero-shot)
+    and the probes of the shipped specs all run under it."""
+    tracker = MemoryTracker()
+    cfg = tiny(objective, precision="bf16", steps=4, eval_every=2, probe=ProbeConfig(every=2, batch_size=8))
+    trainer = Trainer(cfg, CPU)
+    assert trainer.autocast_dtype == torch.bfloat16
+    metrics = trainer.fit(tracker)
+    assert all(math.isfinite(v) for _, v in tracker.history(names.TRAIN_LOSS))
+    assert [step for step, _ in tracker.history(names.VAL_TOP1)] == [2, 4] and 0.0 <= metrics[names.VAL_TOP1] <= 1.0
+    assert [step for step, _ in tracker.history(names.PROBE_SECONDS)] == [2, 4]
+    for param in trainer.objective.parameters():
+        assert param.dtype == torch.float32  # autocast computes in bf16; the weights stay fp32
+
+
+def test_knn_votes_in_fp32_under_autocast() -> None:
+    from trainers.objectives.knn import knn_predict
+
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    labels = torch.randint(0, 3, (50,))
+    queries = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features, as a bf16 backbone gives them
+        mixed = knn_predict(bank.bfloat16(), labels, queries.bfloat16(), 3, 5, 0.07)
+    # Raised "scatter(): Expected self.dtype to be equal to src.dtype" before; now the votes are fp32
+    # and, on features that bf16 represents exactly, the same as without autocast.
+    exact_bank, exact_queries = bank.bfloat16().float(), queries.bfloat16().float()
+    assert torch.equal(mixed, knn_predict(exact_bank, labels, exact_queries, 3, 5, 0.07))

@@ -11,7 +11,13 @@ from lightly.loss import DINOLoss, IBOTPatchLoss
 
 from trainers.config import DataConfig, DinoConfig, ModelConfig, TrainConfig
 from trainers.objectives.dino import encode
-from trainers.objectives.dino_losses import TeacherCentring, dino_cross_entropy, ibot_cross_entropy, sinkhorn_knopp
+from trainers.objectives.dino_losses import (
+    TeacherCentring,
+    dino_cross_entropy,
+    ibot_cross_entropy,
+    masked_patches,
+    sinkhorn_knopp,
+)
 from trainers.objectives.multicrop import ibot_masks, make_views, step_generator
 from trainers.model import build_model
 
@@ -41,8 +47,13 @@ def test_ibot_cross_entropy_equals_lightly_ibot_patch_loss() -> None:
     m = int(masks.sum())
     teacher, student = torch.randn(m, K), torch.randn(m, K)
     reference = IBOTPatchLoss(output_dim=K, teacher_temp=0.05, student_temp=0.1)
-    probs = F.softmax(teacher / 0.05, dim=-1)  # lightly's centre starts at zero
-    assert torch.allclose(ibot_cross_entropy(probs, student, masks, 0.1), reference(teacher, student, masks), atol=1e-6)
+    # Fixed-size slots: the m masked patches first, in order, then padding that must not count.
+    patches = masked_patches(masks, m + 7)
+    assert int(patches.valid.sum()) == m and bool(patches.valid[:m].all())
+    padded_t, padded_s = torch.cat([teacher, torch.randn(7, K)]), torch.cat([student, torch.randn(7, K)])
+    probs = F.softmax(padded_t / 0.05, dim=-1)  # lightly's centre starts at zero
+    ours = ibot_cross_entropy(probs, padded_s, patches, 0.1)
+    assert torch.allclose(ours, reference(teacher, student, masks), atol=1e-6)
 
 
 def test_sinkhorn_knopp_balances_prototypes_and_keeps_samples_normalised() -> None:

@@ -22,8 +22,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that is refused; the message names the file."""
 
 
-def rng_state() -> dict[str, Any]:
-    """Python's, numpy's, torch's and CUDA's RNG states in a form weights_only=True loads."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python's, numpy's, torch's and the CUDA device's RNG states in a form weights_only=True loads."""
     version, internal, gauss_next = random.getstate()
     bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     assert bit_generator == "MT19937", bit_generator  # the legacy global generator always is
@@ -36,11 +36,13 @@ def rng_state() -> dict[str, Any]:
             "cached_gaussian": float(cached_gaussian),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current device's state only: a retry may land on a node with another number of
+        # visible GPUs, where a per-GPU list would not fit (each rank uses one device).
+        "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
     }
 
 
-def restore_rng_state(rng: dict[str, Any]) -> None:
+def restore_rng_state(rng: dict[str, Any], device: torch.device | None = None) -> None:
     # .cpu(): torch.load's map_location moves every tensor, and the RNG setters take CPU bytes.
     python = rng["python"]
     random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
@@ -48,8 +50,21 @@ def restore_rng_state(rng: dict[str, Any]) -> None:
     keys = numpy["keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(rng["torch"].cpu())
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+    if device is not None and device.type == "cuda":
+        cuda = cuda_rng_state(rng.get("cuda"), device.index or 0)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def cuda_rng_state(saved: Any, index: int) -> torch.Tensor | None:
+    """The CUDA state to restore on device `index`: checkpoints of this version hold one state
+    (None when written without CUDA); older ones a list with one state per visible GPU, of which
+    that device's is taken, or the first if the list is shorter (another node's GPU count)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if not saved:
+        return None
+    return saved[index] if index < len(saved) else saved[0]
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str | None = None) -> dict[str, Any]:

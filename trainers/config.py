@@ -362,6 +362,11 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps; 0 = at evals and the end")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor",
+        description="torch.compile backend: inductor (GPU trials); aot_eager or eager check the same graphs "
+        "in seconds on a CPU (trainers/compile.py)",
+    )
     grad_checkpointing: bool = Field(
         default=False,
         description="recompute each block's activations in the backward pass (timm's set_grad_checkpointing): ViT-L and larger",
@@ -397,17 +402,14 @@ class TrainConfig(Strict):
 
 
 def data_parallel_problem(cfg: TrainConfig, workers: int) -> str | None:
-    """Why `workers` data-parallel ranks could not follow one process's trajectory, or None.
+    """Why `workers` data-parallel ranks could not train this config, or None.
 
-    Ranks split the batch a step draws and DDP averages their gradients: exact for a loss that
-    is a mean of per-image terms. Batch statistics (DINO's centre, CLIP's negatives) would
-    differ per rank. The recipe's batch-level draws (3-Augment, Mixup/CutMix pairs, repeated
-    augmentation) are made on the whole global batch by every rank alike, before each keeps its
-    share (trainers/objectives/supervised.py)."""
+    Ranks split the global batch of a step into equal shares and DDP averages their gradients:
+    exact for a loss that is a mean of per-image terms. Batch statistics are gathered: DINO's
+    centring sums are all-reduced, CLIP gathers every rank's features for its negatives
+    (trainers/objectives/). Every objective needs the global batch to split evenly."""
     if workers == 1:
         return None
-    if cfg.objective != "supervised":
-        return f"data-parallel workers train objective 'supervised' only, not {cfg.objective!r}"
     if cfg.optim.batch_size % workers:
         return f"the global batch optim.batch_size {cfg.optim.batch_size} must split evenly over {workers} workers"
     return None

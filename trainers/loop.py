@@ -11,10 +11,16 @@ Data parallel: Trainer(cfg, device, rank=r, world_size=n) in each of n processes
 an initialised torch.distributed process group (the orchestrator's Ray Train workers set it
 up; this package never imports Ray). Each rank reads, decodes and augments only its own
 contiguous 1/n of the global batch of step s (trainers/data: rows [r * n, (r + 1) * n) of the
-batch one process draws) and trains it through PyTorch DDP, which averages the gradients over
-the ranks before clipping: with equal shares that is the gradient of the mean loss over the
-global batch, so the update equals one process's on the whole global batch. Rank 0 alone
-evaluates, probes and measures; the caller saves checkpoints from rank 0 and every rank loads.
+batch one process draws) and trains it through PyTorch DDP around the objective's trained
+modules, which averages the gradients over the ranks before clipping: with equal shares that
+is the gradient of the mean loss over the global batch, so the update equals one process's on
+the whole global batch (DINO's KoLeo term aside, which DINOv2 computes per rank; the
+objectives gather their batch statistics themselves). Rank 0 alone evaluates, probes and
+measures; the caller saves checkpoints from rank 0 and every rank loads.
+
+Randomness: every rank seeds alike before the networks are built (identical initial weights,
+as DDP needs); each training step then reseeds torch from (seed, rank, step), so dropout and
+drop path differ between ranks and a resumed run draws exactly the masks it would have drawn.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import numpy as np
 import torch
 
 from trainers.checkpoint import load_checkpoint, restore_rng_state, rng_state
+from trainers.compile import CompileMonitor, compiled, reset_compiler
 from trainers.config import TrainConfig, data_parallel_problem
 from trainers.data import build_training_data
 from trainers.data.base import Batch
+from trainers.data.sampling import derive_seed
 from trainers.emergence.watch import EmergenceWatch
 from trainers.objectives import build_objective
 from trainers.probes import names
@@ -71,6 +79,12 @@ class Trainer:
             problem = data_parallel_problem(cfg, world_size)
             if problem:
                 raise ValueError(problem)
+        # Dynamo's caches and recompile limit are process-wide: a reused Tune actor's earlier
+        # trials would push this one over the limit, and it would silently run eagerly.
+        self.compile_monitor = None
+        if cfg.compile:
+            reset_compiler()
+            self.compile_monitor = CompileMonitor()
         # Every rank seeds alike: the same initial weights everywhere, as DDP needs.
         seed_everything(cfg.seed)
         # This rank's share of each batch, with the objective's crops (3-Augment, DINO) cut by the loader.
@@ -84,17 +98,22 @@ class Trainer:
             rank=rank, world_size=world_size, device=self.device,
         )
         if cfg.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+            self.objective.set_grad_checkpointing(True)
         if world_size > 1:
-            # PyTorch DDP: the supervised objective's forward runs through the wrapper, whose
-            # backward averages the gradients over the ranks (in buckets, overlapped with the
-            # backward pass). self.model stays the bare ViT: checkpoints, evaluation and probes
-            # see the same module and state_dict keys as in one process.
+            # PyTorch DDP: the objective's step runs its trained modules through the wrapper,
+            # whose backward averages the gradients over the ranks (in buckets, overlapped with
+            # the backward pass). self.model and the objective's modules stay bare: checkpoints,
+            # evaluation and probes see the same modules and state_dict keys as in one process.
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
-            ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
-            self.objective.forward = torch.compile(ddp) if cfg.compile else ddp
+            ddp = DistributedDataParallel(
+                self.objective.trainable(), device_ids=ids, broadcast_buffers=False,
+                find_unused_parameters=self.objective.unused_parameters,
+            )
+            # train.compile acts on the supervised objective only (DINO and CLIP run eagerly in one process too).
+            compile_it = cfg.compile and self.objective.name == "supervised"
+            self.objective.forward = compiled(ddp, cfg.compile_backend) if compile_it else ddp
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -132,6 +151,8 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step. Returns the loss as a device tensor (no host sync)."""
         self.objective.train()
+        # Dropout and drop path of (rank, step): other masks on each rank, the same after a resume.
+        torch.manual_seed(derive_seed(self.cfg.seed, "dropout", self.rank, self.step))
         with self._autocast():
             loss = self.objective.loss(batch, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,7 +201,8 @@ class Trainer:
             self.step += 1
             done = self.step == cfg.steps
 
-            if self.step % cfg.log_every == 0 or done:
+            log_now = self.step % cfg.log_every == 0 or done
+            if log_now:
                 # The only host sync in the hot loop, once per log window.
                 if self.world_size > 1:
                     # The logged loss is the global batch's mean, as in one process, and every
@@ -209,6 +231,9 @@ class Trainer:
             if evaluate and self.rank == 0:
                 metrics = self.evaluate()
                 tracker.log_metrics(metrics, self.step)
+            if log_now and self.compile_monitor is not None:
+                # What dynamo did so far, evaluation included: a trial that fell back to eager says so in its run.
+                tracker.log_metrics(self.compile_monitor.counts().as_metrics(), self.step)
             if on_checkpoint is not None and (evaluate or self._due(cfg.checkpoint_every, done) or watch.checkpoint):
                 on_checkpoint(self.step, {**metrics, **self.watch.report_values()})
             if watch.stop:
@@ -251,7 +276,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             # Teacher, heads, centres, text tower, temperature: tensors and numbers only.
             "objective": self.objective.state_dict(),
-            "rng": rng_state(),  # tensors and plain values: the file loads with weights_only=True
+            "rng": rng_state(self.device),  # tensors and plain values: the file loads with weights_only=True
             "emergence": self.watch.state_dict(),  # the probes seen so far: a resumed watch goes on
             "config": self.cfg.model_dump(),
         }
@@ -263,7 +288,7 @@ class Trainer:
         self.objective.load_state_dict(state.get("objective", {}))
         self.watch.load_state_dict(state.get("emergence", {}))
         self.step = int(state["step"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.device)
 
     def save(self, directory: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import DropPath
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from trainers.config import ModelConfig
@@ -54,6 +55,24 @@ def build_model(cfg: ModelConfig, num_classes: int, *, dynamic_img_size: bool = 
             block.drop_path1 = DropPath(cfg.drop_path_rate)
             block.drop_path2 = DropPath(cfg.drop_path_rate)
     return model
+
+
+def run_blocks(vit: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The ViT's blocks on a token sequence. Objectives that build their own forward (DINO's
+    masked student, CLIP's image tower) run the blocks through here, so that
+    `train.grad_checkpointing` (vit.grad_checkpointing, set by timm's set_grad_checkpointing)
+    acts for them as it does in timm's own forward: each block's activations are recomputed in
+    the backward pass instead of kept. Non-reentrant checkpointing, as timm's default: it works
+    under DDP and with inputs that need no gradient."""
+    if vit.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        return checkpoint_seq(vit.blocks, tokens, use_reentrant=False)
+    return vit.blocks(tokens)
+
+
+def forward_features(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """timm's forward_features (normed output tokens [B, prefix + patches, D]) with the blocks run by run_blocks."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    return vit.norm(run_blocks(vit, x))
 
 
 def drop_path_rates(model: VisionTransformer) -> list[float]:

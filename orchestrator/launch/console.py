@@ -100,7 +100,7 @@ class SweepConsole(Callback):
         # The train loss is among the records a report carries to the MLflow logger (which runs
         # after this callback and takes them out of the result).
         records = result.get(RECORDS_KEY)
-        for key, value, _, _ in getattr(records, "metrics", ()):
+        for key, value, _, _ in (records or {}).get("metrics", ()):
             if key == names.TRAIN_LOSS:
                 self._train_loss[trial.trial_id] = value
         alert = emergence_view.alert_line(str(trial), result)

@@ -167,7 +167,7 @@ class MlflowTrialLogger(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         # Tune lets callbacks change the result in place before it keeps it as the trial's
         # last result: the records must not reach Tune's state, result.json or progress.csv.
-        records: TrialRecords | None = result.pop(RECORDS_KEY, None)
+        records = TrialRecords.from_report(result.pop(RECORDS_KEY, None))
         run = self.trial_run(trial)
         if records and run.status != "FINISHED":
             write_records(run, records)

@@ -8,14 +8,21 @@ hands them over with the report of each checkpoint; the driver's Tune callback
 travel in one report, so the steps after the last checkpoint, which a retry measures
 again, were never written.
 
+The records travel as JSON types only (`TrialRecords.to_report`: lists, strings, numbers; probe
+files base64-encoded): Ray Train's controller keeps every report's metrics in its checkpoint
+manager's state and writes that state as JSON (pydantic), so raw bytes there fail a
+multi-worker trial at its first probe ("invalid utf-8 sequence"). One-process and
+multi-worker trials send the same form; the driver turns it back with `from_report`.
+
 This module is imported by the workers: it must not import MLflow, torch or Tune.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 # The report key under which the records travel; the driver's callback takes it out of
 # the result before Tune stores it or its CSV and JSON loggers write it.
@@ -39,6 +46,25 @@ class TrialRecords:
     def __bool__(self) -> bool:
         return bool(self.metrics or self.files or self.tags)
 
+    def to_report(self) -> dict[str, Any]:
+        """The records as JSON types only, for a report (see the module's docstring)."""
+        return {
+            "metrics": [[key, value, timestamp, step] for key, value, timestamp, step in self.metrics],
+            "files": [[folder, name, base64.b64encode(data).decode("ascii")] for folder, name, data in self.files],
+            "tags": dict(self.tags),
+        }
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any] | None) -> "TrialRecords":
+        """Records back from `to_report`'s form (empty records for None)."""
+        if not report:
+            return cls()
+        return cls(
+            metrics=[(str(key), float(value), int(ts), int(step)) for key, value, ts, step in report.get("metrics", ())],
+            files=[(folder, name, base64.b64decode(data)) for folder, name, data in report.get("files", ())],
+            tags={str(key): str(value) for key, value in report.get("tags", {}).items()},
+        )
+
 
 class RecordBuffer:
     """A trainers.tracking.Tracker that keeps everything until the next report takes it."""
@@ -56,6 +82,7 @@ class RecordBuffer:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._records.tags.update({key: str(value) for key, value in tags.items()})
 
-    def take(self) -> TrialRecords:
+    def take(self) -> dict[str, Any]:
+        """Everything buffered since the last take, in the JSON-safe report form (TrialRecords.to_report)."""
         records, self._records = self._records, TrialRecords()
-        return records
+        return records.to_report()

@@ -5,14 +5,20 @@ parameter groups, calls `loss(batch, step)`, steps the optimizer between the two
 calls `evaluate` and the probes on `probe_model`. Everything an objective keeps besides the
 backbone (teacher, heads, centres, text tower, temperature) goes through `state_dict`, as
 tensors, numbers, strings, lists and dicts only, so checkpoints load with weights_only=True.
+
+Data parallel: `forward` is the one call of a step through which every trained parameter is
+used (the classifier, DINO's student networks, CLIP's two towers); the loop replaces it with
+PyTorch DDP's wrapper of `trainable()`, whose backward averages the gradients over the ranks.
+Statistics over the batch (DINO's centring, CLIP's negatives) are the objective's to gather.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -48,6 +54,10 @@ class Objective(ABC):
     # global batch (the data source reads only that); batch-level draws (3-Augment, DINO's jitter
     # and masks) are made for the global batch and the objective applies its share's rows.
     share: tuple[int, int] = (0, 1)
+    # The step's forward through the trained modules: trainable() itself, or its DDP wrapper (the loop's).
+    forward: Callable[..., Any]
+    # Parameters that may get no gradient in a step (DDP's find_unused_parameters).
+    unused_parameters: bool = False
 
     def __init__(self, cfg: TrainConfig, data: DataSource, device: torch.device) -> None:
         self.cfg, self.data, self.device = cfg, data, device
@@ -72,6 +82,10 @@ class Objective(ABC):
     def train(self) -> None:
         self.trainable().train()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in the backward pass (train.grad_checkpointing)."""
+        self.model.set_grad_checkpointing(enable)
+
     # ---------------------------------------------------------------- one step
 
     @abstractmethod
@@ -85,8 +99,19 @@ class Objective(ABC):
         """After the optimizer: EMA teachers, clamps."""
 
     def log_values(self) -> dict[str, float]:
-        """Loss terms and schedule values of the last step, read at log points (a host sync)."""
+        """Loss terms and schedule values of the last step, read at log points (a host sync).
+        Every rank calls it at the same steps, so it may run collectives."""
         return {}
+
+    def mean_over_ranks(self, values: list[torch.Tensor]) -> list[float]:
+        """Device scalars averaged over the ranks (one all-reduce), as floats."""
+        if not values:
+            return []
+        stacked = torch.stack([v.detach().float() for v in values])
+        if self.share[1] > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.share[1]
+        return stacked.tolist()
 
     # ---------------------------------------------------------------- measuring
 

@@ -2,6 +2,10 @@
 
 Features are L2-normalised; each query's k nearest training features (cosine similarity s)
 vote for their class with weight exp(s / T). DINO uses k = 20, T = 0.07.
+
+The network runs under the caller's autocast (bf16 on a GPU); the similarities and votes are
+computed in fp32 with autocast off: a bf16 matmul would round the similarities (and exp(s / T)
+amplifies that 14-fold) and write bf16 weights into the fp32 votes.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ def knn_predict(
     train: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int, temperature: float
 ) -> torch.Tensor:
     """Predicted class of each query [m] from normalised features."""
-    similarity = queries @ train.T
-    top, index = similarity.topk(min(k, train.shape[0]), dim=1)
-    weights = (top / temperature).exp()
-    votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-    votes.scatter_add_(1, train_labels[index], weights)
+    with torch.autocast(queries.device.type, enabled=False):
+        similarity = queries.float() @ train.float().T
+        top, index = similarity.topk(min(k, train.shape[0]), dim=1)
+        weights = (top / temperature).exp()
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[index], weights)
     return votes.argmax(dim=1)
 
 

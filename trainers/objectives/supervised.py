@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.augment import BatchAugment
+from trainers.compile import compiled
 from trainers.config import TrainConfig
 from trainers.data.base import Batch, DataSource
 from trainers.data.sampling import derive_seed
@@ -63,7 +64,7 @@ class SupervisedObjective(Objective):
         super().__init__(cfg, data, device)
         self.model = build_model(cfg.model, data.num_classes).to(device)
         # Compilation pays off only for long trials; the spec turns it on explicitly.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = compiled(self.model, cfg.compile_backend) if cfg.compile else self.model
         a = cfg.augment
         self.augment = None
         if a.three_augment:
