@@ -8,6 +8,7 @@ They import nothing from Ray or MLflow: a notebook can build a TrainConfig by ha
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -309,6 +310,14 @@ class DinoConfig(Strict):
     knn_k: int = Field(default=20, gt=0, description="k-NN eval: neighbours (DINO: 20)")
     knn_temperature: float = Field(default=0.07, gt=0)
     knn_train_size: int = Field(default=10000, gt=0, description="k-NN eval: training images in the feature bank")
+
+    def mask_slots(self, rows: int, global_batch: int, num_patches: int) -> int:
+        """iBOT's slots for the masked patches of `rows` global crops (DinoObjective.mask_slots;
+        torch-free, so that trainers/memory.py counts the same slots): at most the masked crops of
+        the global batch, int(2 * global_batch * probability), each with at most the top ratio of
+        its patches (+1 for the float rounding of the ratio)."""
+        masked_crops = min(rows, int(2 * global_batch * self.ibot_mask_probability))
+        return masked_crops * (math.floor(self.ibot_mask_ratio[1] * num_patches) + 1)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "DinoConfig":

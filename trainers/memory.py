@@ -66,6 +66,7 @@ class MemoryEstimate:
     inputs: int
     forward_work: int  # at the end of the forward pass: unsaved weight casts, the loss's temporaries
     backward_work: int  # in the backward pass: gradients of a block, its recomputation
+    teacher_work: int = 0  # DINO, before the student's forward: the teacher's targets being formed
 
     @property
     def model_state(self) -> int:
@@ -74,7 +75,9 @@ class MemoryEstimate:
 
     @property
     def transient(self) -> int:
-        return max(self.forward_work, self.backward_work)
+        """The working set on top of the activations at the step's fullest moment. DINO's teacher
+        moment comes before the student saves anything, so it competes with activations + working set."""
+        return max(self.forward_work, self.backward_work, self.teacher_work - self.activations)
 
     @property
     def total(self) -> int:
@@ -111,6 +114,13 @@ def vit_matrix_params(m: ModelConfig, num_classes: int) -> tuple[int, int]:
     dim, depth, _ = m.dims
     hidden = mlp_hidden(dim, m.mlp_ratio)
     return 3 * m.patch_size**2 * dim + dim * num_classes, depth * (4 * dim * dim + 2 * dim * hidden)
+
+
+def vit_bias_params(m: ModelConfig, num_classes: int) -> tuple[int, int]:
+    """(biases outside the blocks, inside them): bf16 autocast caches a copy of each through the
+    forward pass, which autograd does not save (a linear layer's backward needs no bias)."""
+    dim, depth, _ = m.dims
+    return dim + num_classes, depth * (5 * dim + mlp_hidden(dim, m.mlp_ratio))
 
 
 def dino_head_params(in_dim: int, d: DinoConfig) -> tuple[int, int]:
@@ -181,36 +191,50 @@ def supervised_bytes(cfg: TrainConfig, num_classes: int, act: int, checkpointing
     return vit_tower_bytes(m, m.img_size, act, checkpointing) + pooled_input_bytes(tokens, m.dims[0], act) + loss
 
 
-def clip_bytes(cfg: TrainConfig, batch: int, act: int, checkpointing: bool) -> int:
-    """Per image-caption pair: both towers, their projections and normalisations, the B x B logits."""
+def clip_bytes(cfg: TrainConfig, global_batch: int, act: int, checkpointing: bool) -> int:
+    """Per image-caption pair: both towers, their projections, and the loss (fp32) against the
+    `global_batch` captions and images every rank scores its own against."""
     m, c = cfg.model, cfg.clip
     tokens = m.num_patches + 1 + m.num_registers
     image = vit_tower_bytes(m, m.img_size, act, checkpointing) + pooled_input_bytes(tokens, m.dims[0], act)
-    w, length = c.text_width, c.context_length
+    w, length, e = c.text_width, c.context_length, c.embed_dim
     text = 8 * length  # token ids (int64); the embeddings' sum is the first block's input
+    # open_clip checkpoints its text blocks (set_grad_checkpointing) as timm does the ViT's.
     text += tower_bytes(length, w, c.text_layers, c.text_heads, TEXT_MLP_RATIO * w, act, False, checkpointing)
-    text += act * w + 8  # the end-of-text token is gathered (a copy, not a view) for the projection
-    normalise = 2 * 2 * FP32 * c.embed_dim  # fp32 features and their norms, image and text
-    return image + text + normalise + 4 * FP32 * batch
+    # The end-of-text token is gathered (a copy, not a view) for the projection, with its two
+    # index vectors (int64: the rows and the argmax of the ids).
+    text += act * w + 2 * 8
+    # Per tower: the fp32 feature, its norm and clamp (F.normalize), the normalised feature and
+    # its product with the logit scale (open_clip's ClipLoss); two [B, global batch] fp32
+    # log-softmax outputs for the cross-entropies and the label (int64).
+    loss = 2 * (FP32 * e + 2 * FP32 + 2 * FP32 * e) + 2 * FP32 * global_batch + 8
+    return image + text + loss
 
 
-def masked_patches(cfg: TrainConfig, batch: int) -> int:
-    """Expected iBOT-masked patches of a batch (trainers/objectives/multicrop.py ibot_masks):
-    int(2B x probability) global crops masked, their ratios spread evenly over the range."""
+def clip_gathered_bytes(cfg: TrainConfig, global_batch: int, workers: int) -> int:
+    """Per process with more than one rank: ClipLoss's gathered image and text features of the
+    global batch (fp32, all_gather with gradients), which its products with the rank's own save."""
+    return 2 * FP32 * cfg.clip.embed_dim * global_batch if workers > 1 else 0
+
+
+def ibot_slots(cfg: TrainConfig, batch: int) -> int:
+    """Rows of iBOT's masked-patch buffer for a process of `batch` images: DinoObjective's slots
+    (DinoConfig.mask_slots, a bound known on the host), which the student's and the teacher's
+    iBOT heads and the loss see whole, whether a slot holds a masked patch or not."""
     d = cfg.dino
     if d.ibot_weight <= 0:
         return 0
-    crops = int(2 * batch * d.ibot_mask_probability)
-    low, high = d.ibot_mask_ratio
-    return int(crops * max(0.0, (low + high) / 2 * cfg.model.num_patches - 0.5))
+    rows = 2 * batch
+    patches = cfg.model.num_patches
+    return min(d.mask_slots(rows, cfg.optim.batch_size, patches), rows * patches)
 
 
 def dino_head_token_bytes(dim: int, d: DinoConfig, act: int) -> int:
     """Saved per token through lightly's DINO head: the MLP's inputs and GELU's (4 hidden-wide),
-    the bottleneck before and after its L2 normalisation (and the norm), and the fp32
-    log-softmax over the prototypes."""
+    the bottleneck before and after its L2 normalisation (and the norm and its clamp), and the
+    fp32 log-softmax over the prototypes."""
     h, b = d.head_hidden_dim, d.head_bottleneck_dim
-    return act * (dim + 4 * h + 2 * b + 1) + FP32 * d.head_prototypes
+    return act * (dim + 4 * h + 2 * b + 2) + FP32 * d.head_prototypes
 
 
 def dino_bytes(cfg: TrainConfig, batch: int, act: int, checkpointing: bool) -> int:
@@ -225,9 +249,10 @@ def dino_bytes(cfg: TrainConfig, batch: int, act: int, checkpointing: bool) -> i
     crops = 2 * vit_tower_bytes(m, m.img_size, act, checkpointing) + d.local_crops * vit_tower_bytes(
         local, d.local_crop_size, act, checkpointing
     )
-    masked = masked_patches(cfg, batch)
+    slots = ibot_slots(cfg, batch)
+    ibot = d.ibot_weight > 0
     cls_tokens = batch * (2 + d.local_crops)
-    head_tokens = cls_tokens + masked
+    head_tokens = cls_tokens + slots
     # The global crops' [CLS] reach KoLeo as fp32 views (LayerNorm's output is fp32 under autocast
     # too), which keep the global crops' normed tokens whole; in fp32 the head's [CLS] inputs are
     # such views as well, of the local crops' tokens too (see pooled_input_bytes). Under autocast
@@ -237,13 +262,17 @@ def dino_bytes(cfg: TrainConfig, batch: int, act: int, checkpointing: bool) -> i
     else:
         cls_inputs = batch * FP32 * dim * 2 * global_tokens
     head_token = dino_head_token_bytes(dim, d, act)
-    calls = (2 if d.local_crops else 1) + (1 if masked else 0)  # global [CLS], local [CLS], masked patches
+    calls = (2 if d.local_crops else 1) + (1 if ibot else 0)  # global [CLS], local [CLS], iBOT slots
     prototypes = calls * (act * d.head_bottleneck_dim * d.head_prototypes + FP32 * d.head_prototypes)
-    targets = FP32 * d.head_prototypes * (2 * batch + masked)
-    masks = 2 * batch * m.num_patches  # bool
-    koleo = 2 * batch * FP32 * (dim + 2)  # per global crop: normalised features, nearest-neighbour distances
-    ce_weights = FP32 * masked  # iBOT's per-patch weights
-    return batch * crops + cls_inputs + head_tokens * head_token + prototypes + targets + masks + koleo + ce_weights
+    targets = FP32 * d.head_prototypes * (2 * batch + slots)
+    # KoLeo (lightly, fp32) per global crop and image: the difference to the nearest neighbour,
+    # its index (int64), the feature's norm and its clamp, the distance and its log. (The cosine
+    # similarities that find the neighbour feed an argmax only: what they save is freed at once.)
+    koleo = 2 * batch * (FP32 * dim + 8 + 4 * FP32)
+    # The masks (bool) where the mask token replaces patch embeddings; the slots' gather saves its
+    # index, a view of the stable sort of every global patch (int64), and the loss a weight per slot.
+    masking = 2 * batch * m.num_patches * (1 + 8) + FP32 * slots if ibot else 0
+    return batch * crops + cls_inputs + head_tokens * head_token + prototypes + targets + koleo + masking
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -266,40 +295,67 @@ def estimate_memory(cfg: TrainConfig, num_classes: int, *, workers: int = 1, bf1
     trained, frozen = trained_and_frozen_params(cfg, num_classes)
     image = 3 * m.img_size**2 * FP32
 
-    outside, inside = vit_matrix_params(m, num_classes if cfg.objective == "supervised" else 0)
+    classes = num_classes if cfg.objective == "supervised" else 0
+    outside, inside = vit_matrix_params(m, classes)
+    biases = sum(vit_bias_params(m, classes))
     block_tokens = m.num_patches + 1 + m.num_registers
+    teacher_work = params_extra = 0
     if cfg.objective == "supervised":
         activations = b * supervised_bytes(cfg, num_classes, act, ckpt)
-        # Every rank draws the step's images and runs the recipe's augmentation on them.
-        drawn = cfg.augment.images_per_step(cfg.optim.batch_size) if cfg.augment.active else b
-        inputs = (drawn + (cfg.optim.batch_size if cfg.augment.active else 0)) * image
+        # This rank's share of the loader's images (crops, repeats included) and, with 3-Augment or
+        # Mixup/CutMix, the augmented copy the forward pass reads.
+        a = cfg.augment
+        inputs = b * image * (2 if a.three_augment or a.mixing else 1)
         block_batch = b
         loss_work = 0
     elif cfg.objective == "clip":
         c = cfg.clip
-        activations = b * clip_bytes(cfg, b, act, ckpt)
+        global_batch = b * workers
+        activations = b * clip_bytes(cfg, global_batch, act, ckpt) + clip_gathered_bytes(cfg, global_batch, workers)
         w = c.text_width
         outside += dim * c.embed_dim + w * c.embed_dim
         inside += c.text_layers * 12 * w * w
-        inputs = b * image
+        biases += c.text_layers * 9 * w  # attention's in and out projections, the MLP's two layers
+        if bf16 and not ckpt:  # each text block's attention saves the causal mask cast to bf16
+            activations += c.text_layers * BF16 * c.context_length**2
+        inputs = b * (image + 8 * c.context_length)  # images and token ids
         block_batch = b
-        loss_work = 0
+        loss_work = 2 * FP32 * b * global_batch  # ClipLoss's two [B, global batch] logits, held to its end
     else:
         d = cfg.dino
         activations = dino_bytes(cfg, b, act, ckpt)
-        h, bottleneck = d.head_hidden_dim, d.head_bottleneck_dim
-        outside += (2 if d.ibot_separate_head else 1) * (dim * h + h * h + h * bottleneck)
+        h, bottleneck, k = d.head_hidden_dim, d.head_bottleneck_dim, d.head_prototypes
+        heads_per_network = 2 if d.ibot_separate_head else 1
+        outside += heads_per_network * (dim * h + h * h + h * bottleneck)
+        biases += heads_per_network * (2 * h + bottleneck)  # the prototype layer has none
+        # Weight norm keeps each prototype layer's last computed weight (fp32) as a module
+        # attribute, in the student and the teacher: as lasting as the parameters.
+        params_extra = 2 * heads_per_network * FP32 * k * bottleneck
         local_pixels = 3 * d.local_crop_size**2 * FP32
-        # The batch, its crops, and the teacher's normed tokens of the global crops (kept for iBOT).
-        inputs = b * (image + 2 * image + d.local_crops * local_pixels) + 2 * b * block_tokens * dim * FP32
+        # The loader's crops (normalised), their colour-jittered copies (multicrop.make_views), and
+        # the teacher's normed tokens of the global crops, kept for iBOT's slots.
+        inputs = 2 * b * (2 * image + d.local_crops * local_pixels) + 2 * b * block_tokens * dim * FP32
         block_batch = 2 * b  # the global crops go through a block together
-        # Forming the loss holds fp32 logits and their scaled and exponentiated copies beside the saved
-        # log-softmax (and Sinkhorn-Knopp's copies of the teacher's), about three [tokens, K] fp32 arrays.
-        loss_work = 3 * FP32 * d.head_prototypes * (masked_patches(cfg, b) + b * (2 + d.local_crops))
+        slots = ibot_slots(cfg, b)
+        logits = 0 if act == FP32 else act  # under autocast a head's logits are a bf16 array beside their fp32 copy
+        # The end of the student's forward: its logits of every head call (in the step's dict) and the
+        # teacher's iBOT logits, held until the loss returns, and one fp32 [rows, K] temporary of the
+        # largest term (iBOT's over the slots, or one crop's [CLS] cross-entropy).
+        # (And per slot its validity flag and its cross-entropy; the terms so far, three fp32 scalars.)
+        loss_work = act * k * (b * (2 + d.local_crops) + 2 * slots) + FP32 * k * max(slots, b) + (1 + FP32) * slots
+        loss_work += 3 * FP32
+        # The teacher's moment (no_grad, before the student runs): its [CLS] targets, then iBOT's
+        # Sinkhorn-Knopp over the slots, which holds four fp32 [slots, K] arrays at once (the logits'
+        # fp32 copy, the masked copy, the scaled exponent, q) beside the bf16 logits; the [CLS]
+        # centring before it holds three [2B, K].
+        cls_moment = (logits + 3 * FP32) * k * 2 * b
+        ibot_moment = FP32 * k * 2 * b + (logits + 4 * FP32) * k * slots if slots else 0
+        teacher_work = max(cls_moment, ibot_moment)
 
-    # autocast's cache holds a bf16 copy of every trained matrix through the forward pass;
-    # autograd saves those of the blocks it does not recompute.
-    unsaved_casts = inside * BF16 if bf16 and ckpt else 0
+    inputs += 8 * b  # the batch's labels (int64; -1 for image-text pairs)
+    # autocast's cache holds a bf16 copy of every trained matrix and bias through the forward pass;
+    # autograd saves those matrices of the blocks it does not recompute.
+    unsaved_casts = ((inside if ckpt else 0) + biases) * BF16 if bf16 else 0
     activations += (outside + (0 if ckpt else inside)) * BF16 if bf16 else 0
     # Backward through a block holds gradients as wide as its MLP hidden layer, and under
     # checkpointing its recomputed activations and weight casts too.
@@ -307,18 +363,20 @@ def estimate_memory(cfg: TrainConfig, num_classes: int, *, workers: int = 1, bf1
     if ckpt:
         layer_scale = m.layer_scale is not None
         backward_work += block_batch * block_tokens * block_bytes_per_token(dim, heads, hidden, act, layer_scale)
-        backward_work += (BF16 * vit_matrix_params(m, 0)[1] // depth) if bf16 else 0
+        block_weights = vit_matrix_params(m, 0)[1] + vit_bias_params(m, 0)[1]
+        backward_work += (BF16 * block_weights // depth) if bf16 else 0
     return MemoryEstimate(
         batch=b,
         precision="bf16" if bf16 else "fp32",
         checkpointing=ckpt,
-        params=FP32 * (trained + frozen),
+        params=FP32 * (trained + frozen) + params_extra,
         grads=FP32 * trained * (2 if workers > 1 else 1),
         optimizer=FP32 * OPTIMIZER_MOMENTS * trained,
         activations=activations,
         inputs=inputs,
         forward_work=unsaved_casts + loss_work,
         backward_work=backward_work,
+        teacher_work=teacher_work,
     )
 
 

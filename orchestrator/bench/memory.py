@@ -6,8 +6,8 @@ grad checkpointing:
 
 - saved: one training forward pass (the objective's loss) inside
   `torch.autograd.graph.saved_tensors_hooks`, adding up the bytes of every distinct storage
-  autograd saves for the backward pass (parameters and buffers excluded: the estimate counts
-  them apart). tests/test_memory.py asserts the estimate's activations within TOLERANCE.
+  autograd saves for the backward pass and still holds when the loss is formed (parameters and
+  buffers excluded: the estimate counts them apart). tests/test_memory.py asserts the estimate's activations within TOLERANCE.
 - peak: the most bytes of tensors alive at once during a whole training step (the second one,
   so that the optimizer's state and the previous gradients exist), followed op by op with a
   TorchDispatchMode that also sees every storage free. The optimizer is fused AdamW, as the
@@ -18,11 +18,9 @@ The CPU runs the same SDPA contract as a GPU (q, k, v, output and log-sum-exp sa
 matrix), so the bytes carry over; what the CPU cannot show is the CUDA context, cuBLAS
 workspaces and the caching allocator's fragmentation, which the plan leaves a margin for.
 
-DINO's `encode` and CLIP's text tower do not checkpoint their blocks in this tree yet (issue 22
-asks for it, another change makes it); `emulate_block_checkpointing` checkpoints them here the
-way timm's `checkpoint_seq` does for the supervised ViT, so that the estimate is checked against
-the behaviour the trainer is about to have. Where the objective already checkpoints, the
-emulation nests inside it and changes nothing.
+Grad checkpointing is the Trainer's own (train.grad_checkpointing: timm's `checkpoint_seq`
+through trainers/model.py's run_blocks for every ViT, open_clip's for CLIP's text tower), so
+what is measured is what a trial runs.
 """
 
 from __future__ import annotations
@@ -31,13 +29,12 @@ import contextlib
 import gc
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import checkpoint
 
 from trainers.config import TrainConfig
 from trainers.memory import estimate_memory, trained_and_frozen_params
@@ -88,36 +85,6 @@ def calibration_cases() -> list[tuple[str, TrainConfig]]:
     return cases
 
 
-def emulate_block_checkpointing(objective: Any) -> None:
-    """Checkpoint every block of DINO's student and CLIP's text tower, one block at a time, non-reentrant."""
-    blocks: list[nn.Module] = []
-    if objective.name == "dino":
-        blocks = list(objective.student["backbone"].blocks)
-    elif objective.name == "clip":
-        blocks = list(objective.towers.text.transformer.resblocks)
-    for block in blocks:
-        forward: Callable[..., torch.Tensor] = block.forward
-
-        def checkpointed(*args: Any, _forward: Callable[..., torch.Tensor] = forward, **kwargs: Any) -> torch.Tensor:
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed  # type: ignore[method-assign]
-
-
-def _augment_without_autocast(objective: Any) -> None:
-    """Run the batch recipe outside autocast (issue 22: 3-Augment under bf16 autocast fails in this
-    tree; its fix runs augmentation with autocast off). Its tensors need no gradient."""
-    inputs = getattr(objective, "inputs", None)
-    if inputs is None:
-        return
-
-    def inputs_without_autocast(*args: Any, _inputs: Callable[..., Any] = inputs) -> Any:
-        with torch.autocast("cpu", enabled=False):
-            return _inputs(*args)
-
-    objective.inputs = inputs_without_autocast
-
-
 def _objective(cfg: TrainConfig) -> tuple[Any, Any]:
     """The objective and one training batch, built by the Trainer itself (its data source, its
     grad checkpointing), so that the measurement follows whatever the Trainer builds."""
@@ -126,11 +93,7 @@ def _objective(cfg: TrainConfig) -> tuple[Any, Any]:
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg.model_copy(update={"precision": "fp32"}), torch.device("cpu"))  # measure() sets autocast
     objective = trainer.objective
-    if cfg.grad_checkpointing:
-        emulate_block_checkpointing(objective)
-    _augment_without_autocast(objective)
-    per_step = cfg.augment.images_per_step(cfg.optim.batch_size)
-    return objective, next(trainer.data.train_batches(0, per_step))
+    return objective, next(trainer.data.train_batches(0, cfg.optim.batch_size))  # the global batch, as the loop asks
 
 
 def measure(cfg: TrainConfig, bf16: bool) -> Measurement:
@@ -140,19 +103,22 @@ def measure(cfg: TrainConfig, bf16: bool) -> Measurement:
     modules = [m for m in vars(objective).values() if isinstance(m, nn.Module)]
     for module in modules:
         kept.update(t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()])
-    storages: dict[int, int] = {}
+    storages: dict[int, tuple[int, weakref.ref[torch.UntypedStorage]]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in kept:
-            storages[storage.data_ptr()] = storage.nbytes()
+            storages[storage.data_ptr()] = storage.nbytes(), weakref.ref(storage)
         return tensor
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     objective.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
         loss = objective.loss(batch, 0)
-    saved = sum(storages.values())
+    gc.collect()
+    # Only what is still alive: a branch that does not reach the loss (KoLeo's similarity matrix,
+    # used for an argmax) frees what it saved, and its memory may be reused by a later saved tensor.
+    saved = sum(size for size, alive in storages.values() if alive() is not None)
     trainable = {id(p) for p in objective.parameters()}
     everything: dict[int, torch.Tensor] = {}
     for module in modules:
@@ -211,10 +177,7 @@ def measure_peak(cfg: TrainConfig, bf16: bool) -> int:
     with fused_adamw():
         trainer = Trainer(cfg, torch.device("cpu"))
     objective = trainer.objective
-    if cfg.grad_checkpointing:
-        emulate_block_checkpointing(objective)
-    _augment_without_autocast(objective)
-    batches = trainer.data.train_batches(0, cfg.augment.images_per_step(cfg.optim.batch_size))
+    batches = trainer.data.train_batches(0, cfg.optim.batch_size)
     trainer.train_step(next(batches))
     batch = next(batches)
     gc.collect()
@@ -228,7 +191,8 @@ def measure_peak(cfg: TrainConfig, bf16: bool) -> int:
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 live.track(value)
-    live.track(batch.images)
+    for tensor in [batch.images, batch.labels, *(batch.views or ()), *([] if batch.tokens is None else [batch.tokens])]:
+        live.track(tensor)  # the batch on the device: images, and the loader's crops (DINO's local crops too)
     with live:
         trainer.train_step(batch)
     return live.peak

@@ -26,7 +26,6 @@ The k-NN evaluation and the probes run on rank 0 (the loop).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -190,10 +189,9 @@ class DinoObjective(Objective):
         """Slots for the masked patches of `rows` global crops: at most the masked images of the
         global batch (DINOv2's collate masks int(2B * probability) of them), each with at most
         the top mask ratio of its patches (+1 for the float rounding of the ratio). Known on the
-        host, like DINOv2's `upperbound`, so that no step reads a count from the device."""
-        d, cfg = self.d, self.cfg
-        masked_images = min(rows, int(2 * cfg.optim.batch_size * d.ibot_mask_probability))
-        return masked_images * (math.floor(d.ibot_mask_ratio[1] * cfg.model.num_patches) + 1)
+        host, like DINOv2's `upperbound`, so that no step reads a count from the device. The
+        arithmetic is DinoConfig.mask_slots, which the memory estimate (trainers/memory.py) shares."""
+        return self.d.mask_slots(rows, self.cfg.optim.batch_size, self.cfg.model.num_patches)
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
         d = self.d
