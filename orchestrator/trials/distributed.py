@@ -100,7 +100,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report({"step": step})
             return
-        report = {**tracker.latest, "step": step, RECORDS_KEY: records.take()}
+        # The emergence watch's numbers ride along for the driver's console and pruner (trainers/emergence/keys.py).
+        report = {**tracker.latest, **trainer.watch.report_values(), "step": step, RECORDS_KEY: records.take()}
         checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
 
@@ -111,8 +112,8 @@ def train_worker(config: dict[str, Any]) -> None:
             tracker = LatestMetrics(records, LatestMetrics.saved(directory))
         if rank == 0:
             records.set_tags({RESTORED_TAG: str(trainer.step)})
-        if trainer.step >= cfg.steps:
-            # Finished before the sweep's driver recorded it: report the result again.
+        if trainer.step >= cfg.steps or trainer.watch.stopped:
+            # Finished (or stopped on emergence) before the sweep's driver recorded it: report the result again.
             report(trainer.step, None)
             return
 

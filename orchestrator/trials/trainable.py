@@ -107,10 +107,10 @@ def run_trial(config: dict[str, Any], report_metrics: Sequence[str] = ()) -> Non
             trainer.load(directory)
             tracker = LatestMetrics(records, LatestMetrics.saved(directory))
         records.set_tags({RESTORED_TAG: str(trainer.step)})
-        if trainer.step >= cfg.steps:
-            # The trial had finished, but the driver was killed before Tune's experiment
-            # state recorded it: report its result again instead of re-training.
-            tune.report({**tracker.latest, "step": trainer.step, RECORDS_KEY: records.take()})
+        if trainer.step >= cfg.steps or trainer.watch.stopped:
+            # The trial had finished (or stopped on emergence), but the driver was killed before
+            # Tune's experiment state recorded it: report its result again instead of re-training.
+            tune.report({**tracker.latest, **trainer.watch.report_values(), "step": trainer.step, RECORDS_KEY: records.take()})
             return
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
@@ -118,7 +118,8 @@ def run_trial(config: dict[str, Any], report_metrics: Sequence[str] = ()) -> Non
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)
             tracker.save(directory)
-            report = {**tracker.latest, "step": step, RECORDS_KEY: records.take()}
+            # The emergence watch's numbers ride along for the driver's console and pruner (trainers/emergence/keys.py).
+            report = {**tracker.latest, **trainer.watch.report_values(), "step": step, RECORDS_KEY: records.take()}
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
 
     # A NonFiniteLossError ends the attempt like any error; the driver's callback marks the
