@@ -18,13 +18,9 @@ specs' comments put it (IMAGENET_ROOT, SHARDS_ROOT on the node), and keep storag
 checkpoints there; one DINO case reads a local ImageFolder. Ray started in-process (the
 laptop's path) is covered by the other end-to-end tests (test_sweep_e2e.py, test_resume.py).
 
-Compile: inductor needs minutes per trial on 2 cores, so compiled trials run torch's
-aot_eager backend through torch's own TORCH_COMPILE_OVERRIDE_BACKENDS (the graphs, guards
-and recompiles are dynamo's, the kernels are not inductor's). A backend switch of our own is
-on its way (issue 22, compile); until then this variable is how the CPU picks it.
-
-Cases that fail today because of bugs other helpers are fixing are strict expected failures
-naming the issue item: they turn into failures the day the fix lands, and the marker goes.
+Compile: inductor needs minutes per trial on 2 cores, so the compiled specs run with
+`train.compile_backend=aot_eager`, as a user checking a spec on a CPU would: the graphs,
+guards and recompiles are dynamo's, the kernels are not inductor's.
 """
 
 from __future__ import annotations
@@ -49,42 +45,10 @@ from trainers.probes import names
 pytestmark = pytest.mark.slow
 
 BUCKET = "shipped-specs"
-COMPILE_ON_CPU = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"}
 # Where the GPU specs' ${IMAGENET_ROOT} and ${SHARDS_ROOT} point, on the driver and on the node.
 DATA_ON_S3 = {"IMAGENET_ROOT": f"s3://{BUCKET}/imagenet", "SHARDS_ROOT": f"s3://{BUCKET}/shards"}
 
 
-
-@dataclass(frozen=True)
-class KnownBug:
-    """An issue item another helper is fixing, and how its failure reads in the sweep's output."""
-
-    reason: str
-    signature: str
-
-
-# Issue 22's items; each case below that fails today names the one it waits for.
-BF16_THREE_AUGMENT = KnownBug(
-    "issue 22 item 1: 3-Augment's blur writes bf16 into the fp32 batch under autocast (gpu-data)",
-    "Index put requires the source and destination dtypes match",
-)
-BF16_DINO_KNN = KnownBug(
-    "issue 22 item 1: DINO's k-NN evaluation scatters bf16 into fp32 (ddp-objectives)",
-    "scatter(): Expected self.dtype to be equal to src.dtype",
-)
-DDP_PROBES = KnownBug(
-    "issue 22 item 2: multi-worker trials fail at their first probe, the records in Ray Train's JSON (ddp-objectives)",
-    "Error serializing to JSON",
-)
-DDP_SELF_SUPERVISED = KnownBug(
-    "issue 22, DINO and CLIP under DDP: workers > 1 refuses objectives other than supervised (ddp-objectives)",
-    "data-parallel workers train objective 'supervised' only",
-)
-
-
-class KnownBugFailure(AssertionError):
-    """The case failed the way its known bug fails: the expected failure. Any other failure of
-    an expected-failure case is a real one (the marker's raises= lets only this through)."""
 
 # As a GPU runs the GPU specs, shrunk to a CPU: resources of one CPU process, bf16 autocast,
 # a micro ViT at 32 px with 8 px patches, batches of 8, a short warmup, a log point every 2 steps.
@@ -92,6 +56,7 @@ GPU_SPEC = (
     "resources={cpu: 1, gpu: 0}", "train.precision=bf16", "max_failures=0",
     "train.model.size=micro", "train.model.img_size=32", "train.model.patch_size=8",
     "train.optim.batch_size=8", "train.optim.warmup_steps=2", "train.log_every=2",
+    "train.compile_backend=aot_eager",  # for the specs that compile: inductor takes minutes per trial here
 )
 DINO_SHRUNK = (
     "train.dino.head_prototypes=64", "train.dino.head_hidden_dim=32", "train.dino.head_bottleneck_dim=16",
@@ -107,7 +72,6 @@ class Case:
     label: str
     overrides: tuple[str, ...]
     trials: int  # trial runs the launch makes
-    xfail: tuple[KnownBug, ...] = ()  # every bug the case meets today; it passes once all are fixed
     precision: str = "auto"
     local_data: bool = False  # the ImageFolder from a local folder (--set train.data.root) instead of s3://
 
@@ -142,7 +106,7 @@ CASES = (
         "grid.objective=[dino]", "grid.model.num_registers=[4]", "train.precision=bf16", "max_failures=0",
         "train.steps=8", "train.eval_every=4", "train.probe.every=4", "train.log_every=2",
         "train.dino.knn_train_size=256",
-    ), trials=1, xfail=(BF16_DINO_KNN,), precision="bf16"),
+    ), trials=1, precision="bf16"),
     # The GPU specs, as on a cluster with data on S3, bf16.
     Case("num_registers.yaml", "bf16-compiled-s3", (
         *GPU_SPEC, "grid.model.size=[micro]", "grid.steps=[8, 16]", "grid.model.num_registers=[0, 4]",
@@ -157,19 +121,19 @@ CASES = (
     Case("dinov2_registers.yaml", "bf16", (
         *GPU_SPEC, *DINO_SHRUNK, "grid.model.size=[micro]", "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=2",
-    ), trials=1, xfail=(BF16_DINO_KNN,), precision="bf16"),
+    ), trials=1, precision="bf16"),
     Case("deit3_registers.yaml", "bf16-compiled-2-workers", (
         *GPU_SPEC, *TWO_WORKERS, "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=8",
-    ), trials=1, xfail=(BF16_THREE_AUGMENT, DDP_PROBES), precision="bf16"),
+    ), trials=1, precision="bf16"),
     Case("deit3_registers.yaml", "bf16-compiled-1-process", (
         *GPU_SPEC, "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=8",
-    ), trials=1, xfail=(BF16_THREE_AUGMENT,), precision="bf16"),
+    ), trials=1, precision="bf16"),
     Case("deit3_registers.yaml", "fp32-compiled-2-workers", (
         *GPU_SPEC, *TWO_WORKERS, "train.precision=auto", "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=8",
-    ), trials=1, xfail=(DDP_PROBES,)),
+    ), trials=1),
     # A local ImageFolder: the DINO recipe without bf16, as the spec runs on a CPU (auto = fp32).
     Case("dinov2_registers.yaml", "fp32-local", (
         *GPU_SPEC, *DINO_SHRUNK, "train.precision=auto", "grid.model.size=[micro]", "grid.model.num_registers=[0, 4]",
@@ -179,11 +143,11 @@ CASES = (
     Case("dinov2_registers.yaml", "2-workers", (
         *GPU_SPEC, *DINO_SHRUNK, *TWO_WORKERS, "grid.model.size=[micro]", "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=2",
-    ), trials=1, xfail=(DDP_SELF_SUPERVISED, DDP_PROBES, BF16_DINO_KNN), precision="bf16"),
+    ), trials=1, precision="bf16"),
     Case("clip_registers.yaml", "2-workers", (
         *GPU_SPEC, *CLIP_SHRUNK, *TWO_WORKERS, "grid.model.size=[micro]", "grid.model.num_registers=[4]",
         "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.probe.every=4",
-    ), trials=1, xfail=(DDP_SELF_SUPERVISED, DDP_PROBES), precision="bf16"),
+    ), trials=1, precision="bf16"),
 )
 
 
@@ -199,9 +163,9 @@ class Shared:
     auth_token: str
 
     def env(self) -> dict[str, str]:
-        """The driver's environment: the cluster, the data's place, S3, compile's CPU backend."""
+        """The driver's environment: the cluster, the data's place, S3."""
         return {
-            **self.s3.env(), **COMPILE_ON_CPU, **DATA_ON_S3, "VIT_DATA_CACHE": str(self.folder / "driver_cache"),
+            **self.s3.env(), **DATA_ON_S3, "VIT_DATA_CACHE": str(self.folder / "driver_cache"),
             "RAY_ADDRESS": self.head.gcs_address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token,
         }
 
@@ -220,7 +184,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         token = secrets.token_hex(32)
         # The cluster's nodes: their own credentials and data cache, as instance roles and node disks would give them.
         node_env = {
-            **s3.env(), **COMPILE_ON_CPU, **DATA_ON_S3, "VIT_DATA_CACHE": str(folder / "node_cache"),
+            **s3.env(), **DATA_ON_S3, "VIT_DATA_CACHE": str(folder / "node_cache"),
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
         }
         with ray_head(num_cpus=2, env=node_env) as head:
@@ -255,29 +219,14 @@ def launch_runs(client: MlflowClient, launch: str) -> tuple[Any, list[Any]]:
 # ----------------------------------------------------------------------------- the matrix
 
 
-def _param(case: Case) -> Any:
-    reason = "; ".join(bug.reason for bug in case.xfail)
-    marks = [pytest.mark.xfail(strict=True, raises=KnownBugFailure, reason=reason)] if case.xfail else []
-    return pytest.param(case, id=case.id, marks=marks)
-
-
-def check_launch_succeeded(case: Case, done: subprocess.CompletedProcess[str]) -> None:
-    output = done.stdout[-6000:] + done.stderr[-6000:]
-    if done.returncode != 0:
-        met = [bug.reason for bug in case.xfail if bug.signature in output]
-        if met:
-            raise KnownBugFailure(f"{'; '.join(met)}:\n{output[-2000:]}")
-    assert done.returncode == 0, output
-
-
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_shipped_spec_runs_end_to_end(shared: Shared, case: Case) -> None:
     launch = case.id
     storage = () if any(o.startswith("storage=") for o in case.overrides) else (f"storage={shared.folder / 'ray_results'}",)
     sets = [arg for override in (*case.overrides, *storage) for arg in ("--set", override)]
     sets += ["--set", f"train.data.root={shared.imagenet}"] if case.local_data else []
     done = run_cli(shared, "orchestrator.sweep", str(ROOT / "sweeps" / case.spec), "--launch", launch, *sets)
-    check_launch_succeeded(case, done)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
 
     client = MlflowClient(f"sqlite:///{shared.folder / 'mlflow.db'}")
     parent, trials = launch_runs(client, launch)
