@@ -16,8 +16,6 @@ What must agree, and how closely:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 

@@ -1,6 +1,8 @@
 """A sweep whose trial grows a register neuron at step K (planted, test-only): the event is pinned
 and tagged while it runs, the checkpoints either side of it are kept past pruning, and
-`inspect run:ID@STEP` finds the neuron after K and nothing before it."""
+`inspect run:ID@STEP` finds the neuron after K and nothing before it. Once as one process
+(Tune's checkpoints, the driver's pruner) and once as 2 gloo workers (Ray Train's
+checkpoints, rank 0's kept copies), as the shipped DeiT-III, DINOv2 and CLIP specs run."""
 
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ def planted_env() -> dict[str, str]:
     return {"PYTHONPATH": path, PLANT_ENV: str(K_PLANT)}
 
 
-def test_a_planted_neuron_is_pinned_kept_and_found(tmp_path) -> None:
-    spec = tiny_spec(tmp_path, name="emergence")
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "2-workers"])
+def test_a_planted_neuron_is_pinned_kept_and_found(tmp_path: Path, workers: int) -> None:
+    resources = {"workers": 2, "cpu_per_worker": 1} if workers > 1 else {"cpu": 1, "gpu": 0}
+    spec = tiny_spec(tmp_path, name="emergence", resources=resources)
     spec["grid"] = {"model.num_registers": [0]}
     spec["train"].update(
         model={"size": "micro", "img_size": 32, "patch_size": 8, "num_registers": 0, "weight_init": "jax"},
@@ -71,10 +75,15 @@ def test_a_planted_neuron_is_pinned_kept_and_found(tmp_path) -> None:
     assert before < K_PLANT <= after and (before, after) == (16, 24)
     kept = {keys.kept_checkpoint_step(k): v for k, v in tags.items() if keys.kept_checkpoint_step(k) is not None}
     assert sorted(kept) == [16, 24, 32, 48]
+    assert all(Path(location).is_dir() for location in kept.values())
     trial_dir = Path(kept[16]).parent
     on_disk = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
-    assert len(on_disk) == 6, on_disk  # 16, 24, 32, 48 and the newest two (56, 64): not 8 or 40
-    assert all(Path(location).is_dir() for location in kept.values())
+    if workers == 1:  # Tune's checkpoints: 16, 24, 32, 48 and the newest two (56, 64), not 8 or 40
+        assert len(on_disk) == 6, on_disk
+    else:  # the copies beside Ray Train's newest two
+        assert trial_dir.name == "kept_checkpoints" and len(on_disk) == 4, on_disk
+        newest = sorted(p.name for p in (trial_dir.parent / "train").glob("checkpoint_0*"))
+        assert newest == ["checkpoint_000000056", "checkpoint_000000064"], newest
 
     # inspect at the kept checkpoints: nothing before the plant, the planted neuron after it.
     inspected = inspect(tmp_path, run_id, before, after)

@@ -304,7 +304,7 @@ def test_a_trial_at_a_kept_step_and_at_its_final_step(kept_store, tmp_path, caps
     assert by_step[("10", "as trained")].metrics[OUTPUT_FRAC] == pytest.approx(1 / 8)
     assert by_step[("10", "test-time register")].metrics[OUTPUT_FRAC] == 0.0
     printed = capsys.readouterr().out
-    assert f"trial micro-r0 @ step 5" in printed and "no outlier patches" in printed
+    assert "trial micro-r0 @ step 5" in printed and "no outlier patches" in printed
 
 
 def test_a_step_the_trial_did_not_keep_is_one_line_naming_what_it_kept(kept_store, tmp_path, monkeypatch, capsys):

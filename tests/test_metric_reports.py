@@ -130,3 +130,14 @@ def test_a_restored_trial_carries_the_metrics_saved_with_its_checkpoint(tmp_path
     tracker.save(tmp_path)
     assert LatestMetrics.saved(tmp_path) == {names.VAL_TOP1: 0.5, names.TRAIN_LOSS: 1.25}
     assert LatestMetrics.saved(tmp_path / "older_checkpoint") == {}
+
+
+def test_the_reporting_tracker_passes_the_emergence_watch_tags_on() -> None:
+    """The watch tags through any tracker that has set_tags (trainers/emergence/watch.py); the
+    trial's tracker must have it, or the event's tags never reach the run."""
+    from trainers.emergence import keys
+    from trainers.emergence.watch import set_tags
+
+    buffer = RecordBuffer()
+    set_tags(LatestMetrics(buffer), {keys.EMERGED_AT_STEP: "22"})
+    assert TrialRecords.from_report(buffer.take()).tags == {keys.EMERGED_AT_STEP: "22"}

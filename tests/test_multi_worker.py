@@ -32,7 +32,6 @@ from orchestrator.spec.plan import format_plan, make_plan
 from orchestrator.spec.schema import Resources, SweepSpec
 from sweep_helpers import run_sweep_cli, tiny_spec, write_spec
 from trainers.config import TrainConfig
-from trainers.data.base import Batch
 from trainers.loop import Trainer
 from trainers.probes import names
 

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
@@ -37,7 +36,7 @@ from crash_helpers import (
     trial_runs,
     wait_for_store,
 )
-from s3_server import S3Endpoint, moto_s3_server
+from s3_server import moto_s3_server
 from sweep_helpers import run_sweep_cli, sweep_env, tiny_spec, write_spec
 from trainers.probes import names
 

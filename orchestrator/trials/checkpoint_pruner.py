@@ -29,9 +29,7 @@ import pyarrow.fs
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from orchestrator.trials.kept_checkpoints import AFTER_EVENT, BEFORE_EVENT, FOR_GOOD, WatchState, kept_reasons
-from trainers.emergence import keys
-from trainers.emergence.monitor import milestone_steps
+from orchestrator.trials.kept_checkpoints import FOR_GOOD, kept_reasons, kept_tags, storage_uri, watch_plan, watch_state
 
 PRUNE_EVERY_S = 1.0  # on_step_end runs every controller loop; scanning the lists once a second is plenty
 
@@ -46,8 +44,7 @@ class KeptCheckpoint:
 
     @property
     def uri(self) -> str:
-        scheme = self.filesystem.type_name if self.filesystem is not None else "local"
-        return self.path if scheme == "local" else f"{scheme}://{self.path}"
+        return storage_uri(self.path, self.filesystem.type_name if self.filesystem is not None else "local")
 
 
 Tagger = Callable[[Trial, Mapping[str, str]], None]
@@ -81,7 +78,7 @@ class CheckpointPruner(Callback):
         step = result.get("step")
         kept.append(KeptCheckpoint(checkpoint.path, checkpoint.filesystem, step=int(step) if step is not None else None))
         milestones, monitored = self._trial_plan(trial)
-        watch = WatchState(monitored, _step(result.get(keys.LAST_CLEAN_STEP)), _step(result.get(keys.EMERGED_AT_STEP_VALUE)))
+        watch = watch_state(monitored, result)
         reasons = kept_reasons([c.step for c in kept if c.step is not None], milestones, watch)
         now = self.clock()
         newest = kept[-self.keep :]
@@ -105,20 +102,13 @@ class CheckpointPruner(Callback):
             config = getattr(trial, "config", None) or {}
             if "train" not in config:  # not one of our trials (a test's stand-in): newest `keep` only
                 return [], False
-            cfg = trial_config(config["train"], config["trial"]["axes"])
-            monitored = cfg.probe.monitor and cfg.probe.every > 0
-            self.milestones[trial.trial_id] = (milestone_steps(cfg.probe.keep_checkpoints_at, cfg.steps), monitored)
+            self.milestones[trial.trial_id] = watch_plan(trial_config(config["train"], config["trial"]["axes"]))
         return self.milestones[trial.trial_id]
 
     def _tag(self, trial: Trial, checkpoint: KeptCheckpoint, reasons: set[str]) -> None:
         if self.on_tags is None or checkpoint.step is None:
             return
-        tags = {keys.kept_checkpoint_tag(checkpoint.step): checkpoint.uri}
-        if BEFORE_EVENT in reasons:
-            tags[keys.CHECKPOINT_BEFORE] = str(checkpoint.step)
-        if AFTER_EVENT in reasons:
-            tags[keys.CHECKPOINT_AFTER] = str(checkpoint.step)
-        self.on_tags(trial, tags)
+        self.on_tags(trial, kept_tags(checkpoint.step, checkpoint.uri, reasons))
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = self.clock()
@@ -141,11 +131,6 @@ class CheckpointPruner(Callback):
                 kept.remove(checkpoint)
                 deleted += 1
         return deleted
-
-
-def _step(value: Any) -> int | None:
-    """A step reported as a float; -1 (no clean probe yet) and absence are None."""
-    return None if value is None or value < 0 else int(value)
 
 
 def delete_checkpoint(checkpoint: KeptCheckpoint) -> None:

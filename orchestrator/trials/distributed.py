@@ -8,7 +8,9 @@ where every worker sees CUDA, else gloo: orchestrator/trials/process_group.py) a
 0's reports on to the Tune trial, so the driver's MlflowTrialLogger sees them as it sees a
 one-process trial's: the records ride with every report (orchestrator/trials/records.py) and
 land in the trial's one MLflow run. Rank 0 writes the checkpoints; Ray Train keeps them under
-the trial's directory in the sweep's storage, in a Train run named TRAIN_RUN_NAME.
+the trial's directory in the sweep's storage, in a Train run named TRAIN_RUN_NAME, which keeps
+the newest two; rank 0 copies those to keep for good (milestones, emergence's neighbours)
+beside it (orchestrator/trials/kept_copies.py).
 
 Failures: the Train run itself does not retry (max_failures 0). A killed worker fails the
 TorchTrainer, so the Tune trial fails and Tune retries it as it retries any trial (the
@@ -28,6 +30,7 @@ from orchestrator.trials.records import RECORDS_KEY, RESTORED_TAG, WORKER_HOST_T
 from orchestrator.trials.reporting import LatestMetrics, measure_missing
 
 REPORT_METRICS_KEY = "report_metrics"  # in train_loop_config: what the search and scheduler read
+KEPT_ROOT_KEY = "kept_checkpoints_root"  # in train_loop_config: where rank 0 keeps checkpoints past pruning
 
 TRAIN_RUN_NAME = "train"  # the Ray Train run's directory inside the Tune trial's directory
 
@@ -49,6 +52,7 @@ def run_distributed_trial(
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.trials.kept_copies import KEPT_FOLDER
     from orchestrator.trials.process_group import DeviceTorchConfig
     from orchestrator.trials.trainable import DIVERGED_KEY
 
@@ -60,7 +64,9 @@ def run_distributed_trial(
     storage = get_session().storage  # the Tune trial's directory, local or s3://
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={**config, REPORT_METRICS_KEY: list(report_metrics)},
+        train_loop_config={
+            **config, REPORT_METRICS_KEY: list(report_metrics), KEPT_ROOT_KEY: f"{storage.trial_fs_path}/{KEPT_FOLDER}",
+        },
         scaling_config=ScalingConfig(**scaling_config),
         torch_config=DeviceTorchConfig(),  # NCCL only where the workers see CUDA (process_group.py)
         run_config=RunConfig(
@@ -79,6 +85,8 @@ def train_worker(config: dict[str, Any]) -> None:
     """One data-parallel rank. torch.distributed is already set up by TorchTrainer."""
     import ray.train
 
+    from orchestrator.trials.kept_checkpoints import watch_plan
+    from orchestrator.trials.kept_copies import KeptCopies
     from orchestrator.trials.process_group import worker_device
     from orchestrator.trials.trainable import NUM_CLASSES_TAG, trial_config
     from trainers.loop import Trainer
@@ -93,6 +101,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         records.set_tags({NUM_CLASSES_TAG: str(trainer.data.num_classes)})
     tracker = LatestMetrics(records)  # rank 0's is the one reported (the loop measures on rank 0 only)
+    kept = None
+    if rank == 0:
+        kept = KeptCopies(config[KEPT_ROOT_KEY], context.get_storage().storage_filesystem, *watch_plan(cfg))
 
     def report(step: int, directory: str | None) -> None:
         # Every rank reports (Ray Train waits for all); rank 0's report, with its checkpoint
@@ -125,6 +136,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory)
             tracker.save(directory)
+            assert kept is not None
+            records.set_tags(kept.on_checkpoint(step, directory, trainer.watch.report_values()))
             report(step, directory)
 
     trainer.fit(tracker, on_checkpoint)

@@ -12,13 +12,21 @@ Beyond the newest few (a resume needs them), three kinds are kept:
   checkpoint this rule lets go is never needed again.
 
 Milestones and neighbours are kept for good and tagged on the trial's run; window checkpoints
-are only held back while the window is open.
+are only held back while the window is open. The driver's checkpoint pruner applies these rules
+to a one-process trial's checkpoints (Tune's), rank 0 of a data-parallel trial to its copies of
+Ray Train's (orchestrator/trials/kept_copies.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from typing import Any
+
+from trainers.config import TrainConfig
+from trainers.emergence import keys
+from trainers.emergence.monitor import milestone_steps
 
 MILESTONE = "milestone"
 BEFORE_EVENT = "before emergence"
@@ -34,6 +42,21 @@ class WatchState:
     monitored: bool  # the trial watches for emergence with probes during training
     last_clean_step: int | None = None  # None: no clean probe yet
     emerged_at_step: int | None = None
+
+
+def watch_plan(cfg: TrainConfig) -> tuple[list[int], bool]:
+    """A trial's milestone steps, and whether it watches for emergence with probes during training."""
+    return milestone_steps(cfg.probe.keep_checkpoints_at, cfg.steps), cfg.probe.monitor and cfg.probe.every > 0
+
+
+def watch_state(monitored: bool, report: Mapping[str, Any]) -> WatchState:
+    """The watch's state from a checkpoint report's numbers (trainers/emergence/keys.py)."""
+    return WatchState(monitored, _step(report.get(keys.LAST_CLEAN_STEP)), _step(report.get(keys.EMERGED_AT_STEP_VALUE)))
+
+
+def _step(value: Any) -> int | None:
+    """A step reported as a float; -1 (no clean probe yet) and absence are None."""
+    return None if value is None or value < 0 else int(value)
 
 
 def kept_reasons(steps: Iterable[int], milestones: Iterable[int], watch: WatchState) -> dict[int, set[str]]:
@@ -57,3 +80,19 @@ def kept_reasons(steps: Iterable[int], milestones: Iterable[int], watch: WatchSt
             if anchor is None or step >= anchor:
                 kept.setdefault(step, set()).add(WINDOW)
     return kept
+
+
+def storage_uri(path: str, filesystem_type: str) -> str:
+    """The URI a tag names for a checkpoint at `path` on a pyarrow filesystem of that type_name."""
+    return path if filesystem_type == "local" else f"{filesystem_type}://{path}"
+
+
+def kept_tags(step: int, uri: str, reasons: set[str]) -> dict[str, str]:
+    """The run's tags for a checkpoint newly kept for good: its URI by step, and which side of
+    the event it is on when it is one of emergence's neighbours."""
+    tags = {keys.kept_checkpoint_tag(step): uri}
+    if BEFORE_EVENT in reasons:
+        tags[keys.CHECKPOINT_BEFORE] = str(step)
+    if AFTER_EVENT in reasons:
+        tags[keys.CHECKPOINT_AFTER] = str(step)
+    return tags

@@ -43,6 +43,9 @@ class LatestMetrics:
     def log_files(self, files: Mapping[str, bytes], artifact_dir: str) -> None:
         self.buffer.log_files(files, artifact_dir)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.buffer.set_tags(tags)  # the emergence watch's event tags, among others
+
     def save(self, directory: str | Path) -> None:
         Path(directory, REPORTED_METRICS_FILE).write_text(json.dumps(self.latest))
 
