@@ -50,9 +50,8 @@ def scale_spec(cluster: FakeCluster, tmp_path: Path, name: str, resources: dict[
     spec = tiny_spec(tmp_path, name=name, resources=resources, storage=cluster.storage(name))
     # Long enough that the first trial still trains when the second node has come up.
     spec["train"].update(steps=40, eval_every=10, log_every=5)
-    # No end-of-trial probe: its files in a multi-worker trial's report are not yet JSON-safe for
-    # Ray Train (the ddp-objectives branch makes the records so), and probes are not what this tests.
-    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    # Probes on, as the shipped specs have them: mid-way and at the end, their files in rank 0's reports.
+    spec["train"]["probe"] = {"every": 20, "at_end": True, "batch_size": 8}
     return write_spec(tmp_path, spec)
 
 
@@ -83,6 +82,7 @@ def test_trials_scale_out_on_gpu_nodes_run_at_once_and_the_nodes_go_away(
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     for run in runs:
         assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == [10, 20, 30, 40]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, names.PROBE_SECONDS)] == [20, 40]
     (parent,) = parent_runs(client, name)
     assert parent.info.status == "FINISHED"
 

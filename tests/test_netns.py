@@ -131,9 +131,8 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
                 spec = tiny_spec(tmp_path, name="netns", max_failures=2, storage=f"s3://{BUCKET}/netns",
                                  resources={"workers": 2, "cpu_per_worker": 1})  # 1 CPU per node: a rank on each
                 spec["train"].update(steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
-                # No probe: a multi-worker trial's probe files are not yet JSON-safe for Ray Train
-                # (the ddp-objectives branch); this test is about the link and the checkpoints.
-                spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+                # Probes on, as the shipped specs have them: mid-way and at the end.
+                spec["train"]["probe"] = {"every": STEPS // 2, "at_end": True, "batch_size": 8}
                 spec["grid"] = {}
                 env = sweep_env(tmp_path, RAY_ADDRESS=head.gcs_address, **{k: v for k, v in head.env.items() if k.startswith("RAY_AUTH")}, **s3_env)
                 sweep = subprocess.Popen(
@@ -168,6 +167,8 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)
+    # Probed at both points (the mid-way one again if the restore went back past it).
+    assert {m.step for m in client.get_metric_history(run.info.run_id, names.PROBE_SECONDS)} == {STEPS // 2, STEPS}
     # The resumed attempt trained only once the node was back: its 2 ranks need both nodes.
     running_again = min(m.timestamp for m in history if m.step > restored) / 1000
     assert running_again >= back.t - 1

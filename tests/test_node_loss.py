@@ -44,9 +44,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
 def loss_spec(cluster: FakeCluster, tmp_path: Path, name: str, resources: dict[str, Any]) -> Path:
     spec = tiny_spec(tmp_path, name=name, resources=resources, max_failures=2, storage=cluster.storage(name))
     spec["train"].update(steps=STEPS, log_every=LOG_EVERY, eval_every=EVAL_EVERY)
-    # No probe: a multi-worker trial's probe files are not yet JSON-safe for Ray Train (the
-    # ddp-objectives branch), and the node loss is about checkpoints and steps, not probes.
-    spec["train"]["probe"] = {"every": 0, "at_end": False, "batch_size": 8}
+    # Probes on, as the shipped specs have them: mid-way and at the end.
+    spec["train"]["probe"] = {"every": STEPS // 2, "at_end": True, "batch_size": 8}
     spec["grid"] = {}  # one trial
     return write_spec(tmp_path, spec)
 
@@ -98,6 +97,8 @@ def check_resumed(cluster: FakeCluster, tmp_path: Path, name: str, loss: dict[st
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)
+    # Probed at both points (the mid-way one again if the restore went back past it).
+    assert {m.step for m in client.get_metric_history(run.info.run_id, names.PROBE_SECONDS)} == {STEPS // 2, STEPS}
     # The autoscaler replaced the node: a GPU node that was not there before the kill.
     assert cluster.watch.gpu_nodes_seen(since=loss["killed_at"]) - loss["nodes_before"]
     running_again = min(m.timestamp for m in history if m.step > restored) / 1000
