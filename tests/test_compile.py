@@ -85,3 +85,12 @@ def test_a_sweep_of_ten_compiled_trials_in_one_reused_actor_never_falls_back(tmp
         metrics = run.data.metrics
         assert metrics[COMPILE_FALLBACKS] == 0 and metrics[COMPILE_FRAMES] > 0, (run.info.run_name, metrics)
     print("recompiles per trial:", sorted(int(run.data.metrics[COMPILE_RECOMPILES]) for run in runs))
+
+
+def test_compile_is_refused_where_it_would_silently_run_eagerly() -> None:
+    """The trainer compiles the supervised forward only: DINO or CLIP with compile on says so."""
+    import pydantic
+
+    base = TrainConfig().model_dump()
+    with pytest.raises(pydantic.ValidationError, match="compiles objective supervised only"):
+        TrainConfig.model_validate({**base, "objective": "dino", "compile": True})

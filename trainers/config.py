@@ -316,6 +316,9 @@ class TrainConfig(Strict):
             raise ValueError(f"objective supervised needs class labels: data {data!r} has captions only")
         if data in ("webdataset", "csv") and self.data.val_root is None:
             raise ValueError(f"data {data!r} needs data.val_root: labelled images (ImageFolder layout) to evaluate and probe")
+        if self.compile and self.objective != "supervised":
+            # trainers/loop.py compiles the supervised forward only; saying so beats a silent eager run.
+            raise ValueError(f"train.compile compiles objective supervised only; objective {self.objective!r} runs eagerly: set compile: false")
         if self.augment.active and self.objective != "supervised":
             raise ValueError(f"the augment block (DeiT-III recipe) is for objective supervised, not {self.objective!r}")
         a, batch = self.augment, self.optim.batch_size

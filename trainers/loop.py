@@ -111,9 +111,8 @@ class Trainer:
                 self.objective.trainable(), device_ids=ids, broadcast_buffers=False,
                 find_unused_parameters=self.objective.unused_parameters,
             )
-            # train.compile acts on the supervised objective only (DINO and CLIP run eagerly in one process too).
-            compile_it = cfg.compile and self.objective.name == "supervised"
-            self.objective.forward = compiled(ddp, cfg.compile_backend) if compile_it else ddp
+            # train.compile is for the supervised objective only (TrainConfig refuses it for DINO and CLIP).
+            self.objective.forward = compiled(ddp, cfg.compile_backend) if cfg.compile else ddp
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
