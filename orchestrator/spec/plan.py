@@ -229,6 +229,8 @@ def concurrency_lines(plan: SweepPlan, cluster: ClusterShape | None) -> list[str
             f" {_number(plan.cpu_per_trial * concurrent)} CPU, {_number(plan.gpu_per_trial * concurrent)} GPU"
         ]
     if cluster is None:
+        if not plan.gpu_per_trial:
+            return lines  # CPU trials: no GPU nodes to scale out for
         lines.append(
             "  (on an autoscaling cluster the limit follows the nodes that are up, and the sweep asks the"
             " autoscaler for its trials' GPUs; --cluster CONFIG shows the figure at full size)"
