@@ -197,8 +197,10 @@ def _keys(s3: S3Endpoint) -> dict[str, str]:
             "region_name": env["AWS_DEFAULT_REGION"]}
 
 
-def run_cli(shared: Shared, module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = sweep_env(shared.folder, **shared.env())
+def run_cli(
+    shared: Shared, module: str, *args: str, timeout: float = 900, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    env = sweep_env(shared.folder, **{**shared.env(), **extra_env})
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=shared.folder, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -259,8 +261,11 @@ def test_shipped_spec_runs_end_to_end(shared: Shared, case: Case) -> None:
         assert not (shared.folder / "driver_cache" / BUCKET / "imagenet" / "train").exists()
 
     experiment = client.get_experiment(parent.info.experiment_id).name
+    # The analysis reads images for its test-time registers: a cache of its own, so that the
+    # driver's stays empty as long as no sweep syncs a data set there.
     analysis = run_cli(shared, "orchestrator.analyze", "--experiment", experiment,
-                       "--parent-run", parent.info.run_id, "--out", str(shared.folder / "analysis" / launch))
+                       "--parent-run", parent.info.run_id, "--out", str(shared.folder / "analysis" / launch),
+                       VIT_DATA_CACHE=str(shared.folder / "analysis_cache"))
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
     analysed = case.trials - len(stopped)
     assert f"trials: {analysed} analysed" in analysis.stdout, analysis.stdout

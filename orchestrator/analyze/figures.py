@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -81,9 +82,7 @@ def register_effect_figure(stats: pd.DataFrame, steps_used: dict[str, int], out:
         return None
     counts = sorted(stats["num_registers"].unique())
     position = {c: i for i, c in enumerate(counts)}  # 0,1,2,4,8,16 evenly spaced, as in the paper
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = metric_panels(len(metrics))
     sizes = sorted(stats["group"].unique(), key=cat.group_sort_key)
     depth_of = stats["register_depth"] if "register_depth" in stats else pd.Series(0, index=stats.index)
     for ax, spec in zip(axes.flat, metrics):
@@ -103,12 +102,28 @@ def register_effect_figure(stats: pd.DataFrame, steps_used: dict[str, int], out:
                 ax.errorbar(x, sel["mean"], yerr=[low, high], marker="o", capsize=3, label=label, linestyle="--" if depth else "-")
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("number of registers")
-        arrow = "higher is better" if spec.higher_is_better else "lower is better"
-        ax.set_title(f"{spec.label}\n({arrow})", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
+        title_panel(ax, spec)
+    return finish_panels(fig, axes, len(metrics), "Metrics against the number of registers (mean and 95% interval over seeds)", out)
+
+
+def metric_panels(count: int) -> tuple[Any, Any]:
+    """A grid of `count` metric panels, three to a row."""
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    return plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+
+
+def title_panel(ax: Any, spec: cat.MetricSpec) -> None:
+    arrow = "higher is better" if spec.higher_is_better else "lower is better"
+    ax.set_title(f"{spec.label}\n({arrow})", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def finish_panels(fig: Any, axes: Any, used: int, title: str, out: Path) -> Path:
+    """Blank the unused panels, one legend, the title; saved to `out`."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Metrics against the number of registers (mean and 95% interval over seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     return save(fig, out)

@@ -4,7 +4,6 @@ registers as a dotted level. Drawn only when the sweep placed registers later th
 
 from __future__ import annotations
 
-import math
 from itertools import cycle
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from orchestrator.analyze import catalog as cat  # noqa: E402
-from orchestrator.analyze.figures import save  # noqa: E402
+from orchestrator.analyze.figures import finish_panels, metric_panels, title_panel  # noqa: E402
 from orchestrator.analyze.registers import depths_swept, with_groups  # noqa: E402
 
 LINE_STYLES = ("-", "--", "-.", ":")
@@ -28,9 +27,7 @@ def register_depth_figure(stats: pd.DataFrame, steps_used: dict[str, int], out: 
         return None
     metrics = [m for m in cat.REGISTER_METRICS if m.short in set(stats["metric"])]
     depths = sorted(int(d) for d in stats["register_depth"].unique())
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = metric_panels(len(metrics))
     groups = sorted(stats["group"].unique(), key=cat.group_sort_key)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, spec in zip(axes.flat, metrics):
@@ -51,12 +48,6 @@ def register_depth_figure(stats: pd.DataFrame, steps_used: dict[str, int], out: 
                 ax.axhline(float(none["mean"].iloc[0]), color=colour, linestyle=":", linewidth=1, label=f"{group}, no registers")
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_xlabel("register depth (block the registers enter before; 0 = input)")
-        arrow = "higher is better" if spec.higher_is_better else "lower is better"
-        ax.set_title(f"{spec.label}\n({arrow})", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Metrics against where the registers enter (mean and 95% interval over seeds)")
-    fig.tight_layout()
-    return save(fig, out)
+        title_panel(ax, spec)
+    title = "Metrics against where the registers enter (mean and 95% interval over seeds)"
+    return finish_panels(fig, axes, len(metrics), title, out)

@@ -19,7 +19,6 @@ the autoscaler sees their waiting trials: for them the limit is max_concurrent a
 
 from __future__ import annotations
 
-import pickle
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,11 +27,12 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from orchestrator.launch.autoscaling import alive_node_resources
 from orchestrator.spec.cluster import trials_that_fit
 from orchestrator.spec.schema import Resources
+from orchestrator.trials.grid_search import PickledSearcher
 
 REREAD_S = 2.0  # the cluster's nodes are read at most this often (suggest runs every Tune step)
 
 
-class PlanSearcher(Searcher):
+class PlanSearcher(PickledSearcher):
     """The grid's trials, in plan order, as a Searcher (what a ConcurrencyLimiter wraps)."""
 
     def __init__(self, trials: Sequence[Mapping[str, Any]]) -> None:
@@ -53,13 +53,6 @@ class PlanSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
 
 
 class ClusterConcurrencyLimiter(ConcurrencyLimiter):

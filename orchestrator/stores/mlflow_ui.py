@@ -29,7 +29,7 @@ VIEW_KEY = "sweep-axes-metrics"  # one view per experiment (= per sweep), rewrit
 VIEW_NAME = "Sweep: axes and key metrics"
 KEY_METRICS = (names.VAL_TOP1, names.TRAIN_LOSS, names.outlier_frac(names.OUTPUT), names.SEG_MIOU)
 # Whether and when artifacts emerged, and the last probe's outlier share and max/median norm
-# (trainers/emergence/keys.py): right after the axes.
+# (trainers/emergence/keys.py): after the axes and the first two metrics.
 EMERGENCE_COLUMNS = (
     *(f"tags.`{tag}`" for tag in (emergence.STATUS, emergence.EMERGED_AT_STEP, emergence.EMERGED_AT_FRACTION)),
     *(f"metrics.`{key}`" for key in (emergence.OUTLIER_FRAC, emergence.MAX_OVER_MEDIAN)),
@@ -39,10 +39,13 @@ LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def view_columns(swept: Iterable[str] = (), metrics: Iterable[str] = KEY_METRICS) -> list[str]:
-    """Column ids of the view: the study axes, any other swept config path, emergence, then the metrics."""
+    """Column ids of the view: the study axes, any other swept config path, the first two metrics
+    (val/top1, train/loss), emergence, then the other metrics. The grid draws only the columns
+    in sight, so what a person looks at first sits within a laptop screen's width."""
     tags = list(STUDY_AXES.values())
     tags += [axis_tag(path) for path in swept if axis_tag(path) not in tags]
-    return [f"tags.`{tag}`" for tag in tags] + list(EMERGENCE_COLUMNS) + [f"metrics.`{metric}`" for metric in metrics]
+    metric_columns = [f"metrics.`{metric}`" for metric in metrics]
+    return [f"tags.`{tag}`" for tag in tags] + metric_columns[:2] + list(EMERGENCE_COLUMNS) + metric_columns[2:]
 
 
 def save_runs_view(client: MlflowClient, experiment_id: str, swept: Iterable[str] = ()) -> str:

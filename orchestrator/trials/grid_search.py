@@ -31,7 +31,19 @@ def tune_domain(entry: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown search space type {kind!r}")
 
 
-class GridCellSearcher(Searcher):
+class PickledSearcher(Searcher):
+    """A searcher whose whole state is its attributes, saved and restored with Tune's state."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class GridCellSearcher(PickledSearcher):
     def __init__(
         self,
         cells: Sequence[Mapping[str, Any]],
@@ -79,11 +91,3 @@ class GridCellSearcher(Searcher):
         cell = self.cell_of_trial.get(trial_id)
         if cell is not None:
             self.searchers[cell].on_trial_complete(trial_id, result=result, error=error)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

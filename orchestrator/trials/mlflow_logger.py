@@ -44,6 +44,7 @@ from orchestrator.stores.mlflow_runs import (
     TrialRun,
     flatten,
 )
+from orchestrator.trials.kept_checkpoints import storage_uri
 from orchestrator.trials.records import RECORDS_KEY, TrialRecords
 from orchestrator.trials.trainable import (
     DIVERGED_KEY,
@@ -72,12 +73,21 @@ class SweepContext:
     scheduler_metric: str = ""
 
 
-def checkpoint_uri(trial: Trial) -> str | None:
+# Where Ray's TuneReportCallback puts the path of a multi-worker trial's checkpoint (Ray Train
+# keeps it; the Tune trial itself has none): ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY.
+TRAIN_CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+
+def checkpoint_uri(trial: Trial, train_checkpoint: str | None = None) -> str | None:
+    """The URI of the trial's latest checkpoint: Tune's, or for a multi-worker trial the path
+    of Ray Train's latest (`train_checkpoint`, from its reports), on the trial's storage."""
     checkpoint = trial.checkpoint
-    if checkpoint is None:
+    if checkpoint is not None:
+        return storage_uri(checkpoint.path, checkpoint.filesystem.type_name if checkpoint.filesystem is not None else "local")
+    if train_checkpoint is None:
         return None
-    scheme = checkpoint.filesystem.type_name if checkpoint.filesystem is not None else "local"
-    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+    filesystem = getattr(getattr(trial, "storage", None), "storage_filesystem", None)
+    return storage_uri(train_checkpoint, filesystem.type_name if filesystem is not None else "local")
 
 
 def error_text(trial: Trial) -> str:
@@ -124,6 +134,7 @@ class MlflowTrialLogger(Callback):
         self.failed: list[str] = []
         self._client: MlflowClient | None = None
         self._runs: dict[str, TrialRun] = {}
+        self._train_checkpoints: dict[str, str] = {}  # trial id -> its Ray Train checkpoint's path (multi-worker)
 
     @property
     def client(self) -> MlflowClient:
@@ -132,7 +143,10 @@ class MlflowTrialLogger(Callback):
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_train_checkpoints": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_train_checkpoints": {}, **state})  # a launch's state from before the key existed
 
     def trial_run(self, trial: Trial) -> TrialRun:
         """The trial's run: opened on first sight, or found again (a retry, a resumed sweep)."""
@@ -168,6 +182,8 @@ class MlflowTrialLogger(Callback):
         # Tune lets callbacks change the result in place before it keeps it as the trial's
         # last result: the records must not reach Tune's state, result.json or progress.csv.
         records = TrialRecords.from_report(result.pop(RECORDS_KEY, None))
+        if isinstance(result.get(TRAIN_CHECKPOINT_PATH_KEY), str):
+            self._train_checkpoints[trial.trial_id] = result[TRAIN_CHECKPOINT_PATH_KEY]
         run = self.trial_run(trial)
         if records and run.status != "FINISHED":
             write_records(run, records)
@@ -179,7 +195,7 @@ class MlflowTrialLogger(Callback):
         stopped = self.stopped_early(trial)
         if stopped and STOPPED_AT_STEP_TAG not in run.tags:
             run.set_tags(stopped)
-        uri = checkpoint_uri(trial)
+        uri = checkpoint_uri(trial, self._train_checkpoints.get(trial.trial_id))
         # First completion wins: a trial that finished just before a driver crash is
         # reported again on resume, possibly with an older checkpoint from Tune's state.
         if uri and CHECKPOINT_TAG not in run.tags:
@@ -216,7 +232,7 @@ class MlflowTrialLogger(Callback):
         self.failed.append(trial.trial_id)
         run = self.trial_run(trial)
         tags = {} if FAILURE_TAG in run.tags else {FAILURE_TAG: failure_reason(trial)}
-        uri = checkpoint_uri(trial)
+        uri = checkpoint_uri(trial, self._train_checkpoints.get(trial.trial_id))
         if uri:
             tags[CHECKPOINT_TAG] = uri
         if tags:
