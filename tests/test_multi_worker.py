@@ -290,11 +290,13 @@ def killed_sweep(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     victims: dict[str, SimpleNamespace] = {}
     try:
         while len(victims) < len(OBJECTIVES):
-            victim = wait_for_store(tmp_path, sweep, mid_way(sweep.pid, set(victims)), timeout=600)
+            # Checked again with the sweep's process group stopped, so the trial cannot end between the check and the kill.
+            victim = wait_for_store(tmp_path, sweep, mid_way(sweep.pid, set(victims)), timeout=600, frozen=True)
             rank0 = int(victim.data.tags["worker.pid"])
             (rank1,) = train_workers(sweep.pid) - {rank0}
             os.kill(rank1, signal.SIGKILL)  # as the OOM killer or a lost node would
             killed_at = train_loss_steps(store_client(tmp_path), victim.info.run_id)
+            os.killpg(sweep.pid, signal.SIGCONT)
             victims[victim.info.run_id] = SimpleNamespace(rank0=rank0, killed_at=killed_at)
         returncode = sweep.wait(timeout=900)
     finally:
