@@ -40,6 +40,7 @@ DRIVER_MEMORY = 2**20  # bytes, Ray's memory resource
 # a GPU node then takes only workers, never a trial's driver.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 HEAD_SLIVER = 0.001
+STATE_SYNC_S = 10  # seconds between uploads of Tune's experiment state to storage (see run_config)
 
 
 def resourced_trainable(spec: SweepSpec) -> Any:
@@ -130,6 +131,11 @@ def build_tuner(
         # Tune keeps every checkpoint; CheckpointPruner deletes superseded ones once no saved
         # experiment state can point at them (Tune's own num_to_keep deletes too early for a resume).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        # Tune's experiment state (each trial's newest checkpoint) reaches storage at most every
+        # sync_period seconds, 300 by default: a driver lost with the head would resume its trials
+        # from checkpoints up to 5 minutes old, and the pruner (grace 120 s) could have deleted
+        # them. The state is small; uploaded every STATE_SYNC_S it stays well inside the grace.
+        sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
         # Tune's result.json and progress.csv per trial, but not its TensorBoard logger
         # (see fit_launch); MLflow holds the metrics.
         callbacks=callbacks,
