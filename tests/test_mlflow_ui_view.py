@@ -23,10 +23,11 @@ def test_link_names_a_saved_view_with_the_axes_and_key_metrics(tmp_path: Path) -
     assert state["selectedColumns"] == [
         "tags.`axis.model_size`", "tags.`axis.num_registers`", "tags.`axis.steps`", "tags.`axis.seed`", "tags.`axis.objective`",
         "tags.`axis.optim.lr`",  # a swept key beyond the study axes; model.num_registers is not repeated
+        "metrics.`val/top1`", "metrics.`train/loss`",  # within a laptop screen's width
         # Whether and when artifacts emerged, and the last probe's outlier share and max/median norm.
         "tags.`emergence.status`", "tags.`emerged_at_step`", "tags.`emerged_at_fraction`",
         "metrics.`emergence/outlier_frac`", "metrics.`emergence/max_over_median`",
-        "metrics.`val/top1`", "metrics.`train/loss`", "metrics.`probe/outlier_frac/output`", "metrics.`probe/seg_miou`",
+        "metrics.`probe/outlier_frac/output`", "metrics.`probe/seg_miou`",
     ]
     assert set(state["columnWidths"]) == {"attributes.`Run Name`", *state["selectedColumns"]}
 
