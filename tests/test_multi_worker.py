@@ -319,7 +319,10 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(killed_sweep:
         assert tags["retries"] == "1" and "failure_reason" not in tags, objective
         assert int(tags["worker.pid"]) != victim.rank0  # a new worker group
         restored = int(tags["restored_from_step"])
-        assert 0 < restored <= victim.killed_at[-1] and restored % EVAL_EVERY == 0, objective
+        # The last checkpoint the driver had recorded when the rank died, or a later one: the
+        # other rank and Ray Train's controller run on while the sweep is paused, and may upload
+        # and register the next checkpoint before its report reaches the driver. Never an earlier one.
+        assert 0 < victim.killed_at[-1] <= restored < KILL_STEPS and restored % EVAL_EVERY == 0, (objective, restored)
         # Every rank restored the same state (DINO's teacher and centring included), and the
         # batches are step-addressed: the resumed trial's losses are those of one uninterrupted
         # process. DDP sums gradients in another order than one process, and over 120 steps the
