@@ -28,6 +28,7 @@ from orchestrator.spec.errors import SpecError
 from orchestrator.spec.plan import format_plan, make_plan
 from orchestrator.spec.schema import Resources, load_spec
 from orchestrator.sweep import main
+from orchestrator.trials.grid_search import GridCellSearcher
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS, KUBERAY = ROOT / "infra" / "aws" / "cluster.yaml", ROOT / "infra" / "kuberay" / "raycluster.yaml"
@@ -172,6 +173,21 @@ def test_concurrency_follows_the_nodes_that_are_up_and_never_passes_max_concurre
     # One-process trials hold their own resources: Tune starts what fits, the cap is max_concurrent.
     one = ClusterConcurrencyLimiter(PlanSearcher(trials), Resources(cpu=1, gpu=1), upper=2, nodes=nodes)
     assert one.suggest("a") and one.suggest("b") and one.suggest("c") is None
+
+
+def test_the_search_is_finished_once_the_plan_is_handed_out_even_at_the_limit() -> None:
+    """Tune waits up to 10 minutes for a suggestion from an unfinished search whenever it counts
+    no running trial (a resumed s3 sweep sat there in CI): the limiter says FINISHED as soon as
+    its searcher has nothing left, though the last trials still hold the limit."""
+    trials = [{"index": i, "axes": {}} for i in range(2)]
+    limiter = ClusterConcurrencyLimiter(PlanSearcher(trials), Resources(cpu=1, gpu=0), upper=1)
+    assert limiter.suggest("a") == {"trial": trials[0]}
+    assert limiter.suggest("b") is None  # at the limit, trial 1 still to come
+    limiter.on_trial_complete("a")
+    assert limiter.suggest("b") == {"trial": trials[1]}
+    assert limiter.suggest("c") == "FINISHED"  # "b" still runs and holds the limit
+    searched = GridCellSearcher([{}], {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}, 1, "val/top1", "max")
+    assert not searched.exhausted and searched.suggest("x") != "FINISHED" and searched.exhausted
 
 
 def test_plan_searcher_hands_out_the_grid_once_and_resumes(tmp_path: Path) -> None:

@@ -43,8 +43,12 @@ class PlanSearcher(PickledSearcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # nothing is searched
 
+    @property
+    def exhausted(self) -> bool:
+        return self.issued >= len(self.trials)
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.issued >= len(self.trials):
+        if self.exhausted:
             return Searcher.FINISHED
         trial = self.trials[self.issued]
         self.issued += 1
@@ -87,7 +91,12 @@ class ClusterConcurrencyLimiter(ConcurrencyLimiter):
             self.limit_read_at = now
         return self.limit
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if getattr(self.searcher, "exhausted", False):
+            # Finished as soon as the plan is handed out, also at the limit: Tune waits up to 10
+            # minutes for a suggestion from a search that is not finished whenever it counts no
+            # running trial (seen after a resume), holding the running trial's reports meanwhile.
+            return Searcher.FINISHED
         if len(self.live_trials) >= self.current_limit():
             return None
         return super().suggest(trial_id)

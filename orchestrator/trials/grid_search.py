@@ -69,6 +69,11 @@ class GridCellSearcher(PickledSearcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric, mode and space are fixed by the sweep spec
 
+    @property
+    def exhausted(self) -> bool:
+        """Every cell has had its samples (the concurrency limiter then reports the search finished)."""
+        return all(n >= self.samples_per_cell for n in self.issued)
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         # Deal cells round-robin so that every cell makes progress at the same pace.
         open_cells = [i for i, n in enumerate(self.issued) if n < self.samples_per_cell]
