@@ -165,9 +165,14 @@ def test_sweep_starts_while_another_process_opens_the_new_store(tmp_path: Path) 
             time.sleep(0.001)
         os.killpg(sweep.pid, signal.SIGSTOP)
         assert schema_revision(db) == head_revision()  # it appeared whole: nothing left to migrate
-        finish(start_opener(db, "now"))
+        opener = start_opener(db, "now")
+        # The opener opens the store while the sweep stands still. The sweep may have stopped inside
+        # a write transaction, holding SQLite's write lock (no other writer can pass it, in any
+        # program): it goes on after a moment, as a busy writer would, and the opener's write waits.
+        time.sleep(1.0)
     finally:
         os.killpg(sweep.pid, signal.SIGCONT)
+    finish(opener)
     returncode = sweep.wait(timeout=300)
     output = (tmp_path / "sweep.out").read_text()
     assert returncode == 0, output[-4000:]
