@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import pytest
 
 from cluster_watch import Sample, watching
-from crash_helpers import expected_steps, store_client, train_loss_steps, trial_runs, wait_for_store
+from crash_helpers import assert_restored_near, expected_steps, store_client, train_loss_steps, trial_runs, wait_for_store
 from fake_cluster import FAST_FAILURE_ENV
 from netns import Link, Namespace, linked_namespaces, netns_unavailable
 from ray_head import RAY, RayHead, ray_head
@@ -163,7 +163,7 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
     assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
     assert int(run.data.tags["retries"]) >= 1 and "failure_reason" not in run.data.tags
     restored = int(run.data.tags["restored_from_step"])
-    assert restored % EVAL_EVERY == 0 and checkpointed[-1] <= restored < STEPS, (restored, checkpointed)
+    assert_restored_near(restored, checkpointed[-1], EVAL_EVERY, STEPS)
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)

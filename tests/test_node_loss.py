@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from crash_helpers import expected_steps, kill_sweep_group, parent_runs, store_client, train_loss_steps, trial_runs, wait_for_store
+from crash_helpers import assert_restored_near, expected_steps, kill_sweep_group, parent_runs, store_client, train_loss_steps, trial_runs, wait_for_store
 from fake_cluster import FakeCluster, fake_cluster, kill_node, raylet_of, start_sweep
 from sweep_helpers import tiny_spec, write_spec
 from orchestrator.launch.tuner import STATE_SYNC_S
@@ -92,9 +92,7 @@ def check_resumed(cluster: FakeCluster, tmp_path: Path, name: str, loss: dict[st
     assert int(tags["worker.pid"]) not in loss["killed"]  # rank 0 of the last attempt ran elsewhere
     restored = int(tags["restored_from_step"])
     last_checkpoint = loss["checkpointed"][-1]
-    # The last checkpoint the driver had recorded, or (if a later one was uploaded but its report
-    # died with the node) that later one: never an earlier one.
-    assert restored % EVAL_EVERY == 0 and last_checkpoint <= restored < STEPS, (restored, last_checkpoint)
+    assert_restored_near(restored, last_checkpoint, EVAL_EVERY, STEPS)
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)
@@ -130,7 +128,7 @@ def test_a_lost_node_costs_the_steps_since_the_last_checkpoint(
     figures = check_resumed(cluster, tmp_path, name, loss)
     cluster.watch.wait(lambda s: not s.gpu_nodes(), "the idle GPU nodes to be removed", 300)
     print(
-        f"\n[figures] {name}: node killed after checkpoint {figures['last_checkpoint']}, restored from"
+        f"\n[figures] {name}: node killed after the driver wrote step {figures['last_checkpoint']}, restored from"
         f" {figures['restored']} (checkpoint every {EVAL_EVERY} steps), running again {figures['resume_s']:.0f} s"
         f" after the kill; test {time.time() - started:.0f} s"
     )
