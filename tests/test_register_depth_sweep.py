@@ -44,7 +44,7 @@ def test_a_depth_without_registers_is_one_trial_and_alone_still_refused() -> Non
         load_spec(SWEEPS / "register_depth_cpu.yaml", ["train.model.num_registers=0", "grid.model.num_registers=null"])
 
 
-# A third of the spec's 300 steps (micro reaches 0.65-0.77 top-1 there, README), a smaller
+# A third of the spec's 300 steps (micro reaches 0.63-0.76 top-1 there, README), a smaller
 # validation split: the launch and the analysis as the header runs them, in less time.
 SHRINK = [
     "--set", "train.steps=100", "--set", "train.eval_every=50", "--set", "train.probe.every=50",
