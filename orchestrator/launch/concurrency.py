@@ -27,12 +27,12 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from orchestrator.launch.autoscaling import alive_node_resources
 from orchestrator.spec.cluster import trials_that_fit
 from orchestrator.spec.schema import Resources
-from orchestrator.trials.grid_search import PickledSearcher
+from orchestrator.trials.grid_search import FiniteSearcher
 
 REREAD_S = 2.0  # the cluster's nodes are read at most this often (suggest runs every Tune step)
 
 
-class PlanSearcher(PickledSearcher):
+class PlanSearcher(FiniteSearcher):
     """The grid's trials, in plan order, as a Searcher (what a ConcurrencyLimiter wraps)."""
 
     def __init__(self, trials: Sequence[Mapping[str, Any]]) -> None:
@@ -58,7 +58,6 @@ class PlanSearcher(PickledSearcher):
         pass
 
 
-
 class ClusterConcurrencyLimiter(ConcurrencyLimiter):
     """A ConcurrencyLimiter whose limit is re-read from the cluster (module docstring).
 
@@ -67,7 +66,7 @@ class ClusterConcurrencyLimiter(ConcurrencyLimiter):
 
     def __init__(
         self,
-        searcher: Searcher,
+        searcher: FiniteSearcher,
         resources: Resources,
         upper: int,
         nodes: Callable[[], list[dict[str, float]]] = alive_node_resources,
@@ -92,7 +91,7 @@ class ClusterConcurrencyLimiter(ConcurrencyLimiter):
         return self.limit
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if getattr(self.searcher, "exhausted", False):
+        if self.searcher.exhausted:
             # Finished as soon as the plan is handed out, also at the limit: Tune waits up to 10
             # minutes for a suggestion from a search that is not finished whenever it counts no
             # running trial (seen after a resume), holding the running trial's reports meanwhile.

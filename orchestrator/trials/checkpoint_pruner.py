@@ -8,8 +8,9 @@ fails with "Could not recover from checkpoint as it does not exist on storage an
 
 So Tune keeps every checkpoint (num_to_keep=None) and this driver callback deletes one
 only after it has been out of a trial's newest `keep` for `grace_s` seconds, far longer
-than Tune takes to save and upload its state (every ~10 s: launch/tuner.py STATE_SYNC_S), and at the end of the
-experiment, after Tune's final state upload has finished. Disk use stays bounded:
+than Tune takes to save and upload its state (every ~10 s: STATE_SYNC_S in
+orchestrator/launch/tuner.py), and at the end of the experiment, after Tune's final state
+upload has finished. Disk use stays bounded:
 `keep` checkpoints per trial plus those written in the last `grace_s` seconds.
 
 Some checkpoints are kept for good (orchestrator/trials/kept_checkpoints.py): those at the

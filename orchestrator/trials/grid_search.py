@@ -31,8 +31,14 @@ def tune_domain(entry: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown search space type {kind!r}")
 
 
-class PickledSearcher(Searcher):
-    """A searcher whose whole state is its attributes, saved and restored with Tune's state."""
+class FiniteSearcher(Searcher):
+    """A searcher with a fixed number of trials to hand out, whose whole state is its attributes
+    (saved and restored with Tune's state). `exhausted` says when all are handed out: the
+    concurrency limiter (orchestrator/launch/concurrency.py) then reports the search finished."""
+
+    @property
+    def exhausted(self) -> bool:
+        raise NotImplementedError
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -43,7 +49,7 @@ class PickledSearcher(Searcher):
             self.__dict__.update(pickle.load(f))
 
 
-class GridCellSearcher(PickledSearcher):
+class GridCellSearcher(FiniteSearcher):
     def __init__(
         self,
         cells: Sequence[Mapping[str, Any]],
@@ -71,7 +77,7 @@ class GridCellSearcher(PickledSearcher):
 
     @property
     def exhausted(self) -> bool:
-        """Every cell has had its samples (the concurrency limiter then reports the search finished)."""
+        """Every cell has had its samples."""
         return all(n >= self.samples_per_cell for n in self.issued)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
