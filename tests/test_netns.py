@@ -140,7 +140,7 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
                     cwd=tmp_path, env=env, stdout=open(tmp_path / "sweep.out", "w"), stderr=subprocess.STDOUT, start_new_session=True,
                 )
                 victim = wait_for_store(tmp_path, sweep, mid_trial, timeout=600, frozen=True)
-                checkpointed = train_loss_steps(store_client(tmp_path), victim.info.run_id)
+                written = train_loss_steps(store_client(tmp_path), victim.info.run_id)  # what the driver wrote to MLflow
                 link.set(up=False)
                 cut_at = time.time()
                 os.killpg(sweep.pid, signal.SIGCONT)
@@ -163,7 +163,7 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
     assert run.info.run_id == victim.info.run_id and run.info.status == "FINISHED"
     assert int(run.data.tags["retries"]) >= 1 and "failure_reason" not in run.data.tags
     restored = int(run.data.tags["restored_from_step"])
-    assert_restored_near(restored, checkpointed[-1], EVAL_EVERY, STEPS)
+    assert_restored_near(restored, written[-1], EVAL_EVERY, STEPS)
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)
@@ -175,6 +175,6 @@ def test_a_partition_mid_trial_resumes_the_trial_across_the_link_once_it_heals(l
     print(
         f"\n[figures] netns: link down {healed_at - cut_at:.0f} s (node declared dead {dead.t - cut_at:.0f} s after"
         f" the cut); Ray back on the node {back.t - healed_at:.0f} s after the link; trial running again"
-        f" {running_again - cut_at:.0f} s after the cut, restored from step {restored} (last checkpoint the"
-        f" driver had: {checkpointed[-1]}, checkpoint every {EVAL_EVERY}); test {time.time() - started:.0f} s"
+        f" {running_again - cut_at:.0f} s after the cut, restored from step {restored} (last step the"
+        f" driver wrote: {written[-1]}, checkpoint every {EVAL_EVERY}); test {time.time() - started:.0f} s"
     )

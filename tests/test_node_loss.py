@@ -76,10 +76,10 @@ def lose_the_node(cluster: FakeCluster, tmp_path: Path, sweep: subprocess.Popen[
     rank0 = int(victim.data.tags["worker.pid"])
     raylet = raylet_of(rank0)
     nodes_before = cluster.watch.gpu_nodes_seen()
-    checkpointed = train_loss_steps(store_client(tmp_path), victim.info.run_id)  # what reached the driver
+    written = train_loss_steps(store_client(tmp_path), victim.info.run_id)  # what the driver wrote to MLflow
     killed_at, killed = kill_node(raylet)
     assert rank0 in killed
-    return {"run": victim, "rank0": rank0, "killed_at": killed_at, "killed": killed, "checkpointed": checkpointed, "nodes_before": nodes_before}
+    return {"run": victim, "rank0": rank0, "killed_at": killed_at, "killed": killed, "written": written, "nodes_before": nodes_before}
 
 
 def check_resumed(cluster: FakeCluster, tmp_path: Path, name: str, loss: dict[str, Any]) -> dict[str, float]:
@@ -91,8 +91,8 @@ def check_resumed(cluster: FakeCluster, tmp_path: Path, name: str, loss: dict[st
     assert int(tags["retries"]) >= 1 and "failure_reason" not in tags, tags
     assert int(tags["worker.pid"]) not in loss["killed"]  # rank 0 of the last attempt ran elsewhere
     restored = int(tags["restored_from_step"])
-    last_checkpoint = loss["checkpointed"][-1]
-    assert_restored_near(restored, last_checkpoint, EVAL_EVERY, STEPS)
+    last_written = loss["written"][-1]
+    assert_restored_near(restored, last_written, EVAL_EVERY, STEPS)
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert [m.step for m in history] == expected_steps(LOG_EVERY, STEPS)  # none twice, none missing
     assert [m.step for m in client.get_metric_history(run.info.run_id, names.VAL_TOP1)] == expected_steps(EVAL_EVERY, STEPS)
@@ -103,7 +103,7 @@ def check_resumed(cluster: FakeCluster, tmp_path: Path, name: str, loss: dict[st
     running_again = min(m.timestamp for m in history if m.step > restored) / 1000
     return {
         "restored": restored,
-        "last_checkpoint": last_checkpoint,
+        "last_written": last_written,
         "resume_s": running_again - loss["killed_at"],
     }
 
@@ -128,7 +128,7 @@ def test_a_lost_node_costs_the_steps_since_the_last_checkpoint(
     figures = check_resumed(cluster, tmp_path, name, loss)
     cluster.watch.wait(lambda s: not s.gpu_nodes(), "the idle GPU nodes to be removed", 300)
     print(
-        f"\n[figures] {name}: node killed after the driver wrote step {figures['last_checkpoint']}, restored from"
+        f"\n[figures] {name}: node killed after the driver wrote step {figures['last_written']}, restored from"
         f" {figures['restored']} (checkpoint every {EVAL_EVERY} steps), running again {figures['resume_s']:.0f} s"
         f" after the kill; test {time.time() - started:.0f} s"
     )
@@ -161,7 +161,7 @@ def test_the_driver_dies_during_a_node_loss_and_the_same_command_resumes(cluster
     assert client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") == []
     cluster.watch.wait(lambda s: not s.gpu_nodes(), "the idle GPU nodes to be removed", 300)
     print(
-        f"\n[figures] {name}: node and driver killed after checkpoint {loss['checkpointed'][-1]}, restored from"
+        f"\n[figures] {name}: node and driver killed after the driver wrote step {loss['written'][-1]}, restored from"
         f" {run.data.tags.get('restored_from_step', 'step 0')} (the checkpoint in Tune's state on storage, uploaded every"
         f" {STATE_SYNC_S} s: this trial checkpoints within seconds of its start); test {time.time() - started:.0f} s"
     )
